@@ -1,0 +1,227 @@
+"""Temperature schedules of Exploratory Annealed Decoding: the single source of truth.
+
+Everything that needs a schedule's temperature -- the vLLM adapter (to fill the kernel's
+per-row parameters), the HTTP layer (to validate requests and echo per-token
+temperatures), the RL client and the benchmark -- goes through this module. It imports
+neither torch nor vLLM so that the light installs (client, bench) can use it.
+
+Notation (SPEC section 1): ``t`` counts the tokens a completion generated *before* the
+token being sampled, so the first sampled token has ``t = 0``.
+
+=========  ==========================================================================
+type       temperature of the token sampled after ``t`` generated tokens
+=========  ==========================================================================
+ead        ``1.0`` if ``t < c`` else ``max(1 + tau_max - exp(t / (k d)), tau_min)``
+reverse    ``1.0`` if ``t < c`` else ``min(tau_min + exp(t / (k d)), tau_max)``
+constant   ``tau`` for every token (no warm-up)
+=========  ==========================================================================
+
+``d`` is either a fixed ``decay`` or the global-step-aware ``min(d0 + alpha * step, d_max)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "DecaySchedule",
+    "PRESETS",
+    "ResolvedSchedule",
+    "ScheduleError",
+    "TemperatureSchedule",
+    "effective_decay",
+    "parse_schedule",
+    "schedule_temperature",
+]
+
+ScheduleType = Literal["ead", "reverse", "constant"]
+PresetName = Literal["paper", "released-code"]
+
+# Strict types: JSON numbers only (ints are accepted where floats are expected), no
+# strings or booleans coerced into numbers, and no NaN or infinity.
+PositiveFloat = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+
+
+class ScheduleError(ValueError):
+    """An invalid schedule. ``param`` is the dotted path of the offending field.
+
+    The HTTP layer turns it into an OpenAI-style 400 whose ``param`` is
+    ``temperature_schedule.<param>``, so a caller can tell which field to fix.
+    """
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}" if param else message)
+        self.param = param
+        self.message = message
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DecaySchedule(_Strict):
+    """Global-step-aware decay ``d = min(d0 + alpha * step, d_max)`` (paper section 4).
+
+    Fields left out take the preset's values, so a trainer may send only ``step``.
+    """
+
+    d0: PositiveFloat | None = None
+    alpha: NonNegativeFloat | None = None
+    d_max: PositiveFloat | None = None
+    step: NonNegativeInt | None = None
+
+
+class _ResolvedDecaySchedule(_Strict):
+    d0: PositiveFloat
+    alpha: NonNegativeFloat
+    d_max: PositiveFloat
+    step: NonNegativeInt
+
+
+def effective_decay(d0: float, alpha: float, d_max: float, step: int) -> float:
+    """The decay ``d`` in force at global ``step``: grows linearly, capped at ``d_max``."""
+    return min(d0 + alpha * step, d_max)
+
+
+class TemperatureSchedule(_Strict):
+    """A schedule as a request gives it: every field optional, see :meth:`resolve`.
+
+    This is the ``temperature_schedule`` object of the HTTP API, the RL client and the
+    benchmark; its field names are the contract shared by all of them.
+    """
+
+    type: ScheduleType | None = None
+    preset: PresetName | None = None
+    tau_max: PositiveFloat | None = None
+    tau_min: PositiveFloat | None = None
+    tau: PositiveFloat | None = None
+    warmup: NonNegativeInt | None = None
+    time_scale: PositiveFloat | None = None
+    decay: PositiveFloat | None = None
+    decay_schedule: DecaySchedule | None = None
+
+    def resolve(self) -> ResolvedSchedule:
+        """Fill every field from the preset (``paper`` when none is named), then check it.
+
+        Explicit fields override the preset's. ``decay`` replaces the preset's
+        ``decay_schedule`` and vice versa; both in one request is an error.
+        """
+        if self.decay is not None and self.decay_schedule is not None:
+            raise ScheduleError("decay", "give either 'decay' or 'decay_schedule', not both")
+        base = PRESETS[self.preset or "paper"]
+        given = self.model_dump(exclude_none=True, exclude={"decay_schedule", "preset"})
+        fields: dict[str, Any] = {**base, **given, "preset": self.preset}
+        if self.decay is not None:
+            fields["decay_schedule"] = None
+        else:
+            overrides = self.decay_schedule.model_dump(exclude_none=True) if self.decay_schedule else {}
+            ds = _ResolvedDecaySchedule(**{**base["decay_schedule"], **overrides})
+            if ds.d_max < ds.d0:
+                raise ScheduleError("decay_schedule.d_max", f"d_max ({ds.d_max}) must be >= d0 ({ds.d0})")
+            fields["decay_schedule"] = ds
+            fields["decay"] = effective_decay(ds.d0, ds.alpha, ds.d_max, ds.step)
+        if fields["tau_min"] > fields["tau_max"]:
+            raise ScheduleError(
+                "tau_min", f"tau_min ({fields['tau_min']}) must not exceed tau_max ({fields['tau_max']})"
+            )
+        return ResolvedSchedule(**fields)
+
+
+class ResolvedSchedule(_Strict):
+    """A schedule with every field filled: what the engine applies and responses echo.
+
+    ``decay`` is the effective ``d``; ``decay_schedule`` is kept (or ``None`` when a
+    fixed ``decay`` was given) so the echo shows where ``d`` came from. ``tau`` is used
+    by ``constant`` only, the other fields by ``ead`` and ``reverse`` only.
+    """
+
+    type: ScheduleType
+    preset: PresetName | None
+    tau_max: PositiveFloat
+    tau_min: PositiveFloat
+    tau: PositiveFloat
+    warmup: NonNegativeInt
+    time_scale: PositiveFloat
+    decay: PositiveFloat
+    decay_schedule: _ResolvedDecaySchedule | None
+
+    def temperature(self, t: int) -> float:
+        """Temperature of the token sampled after ``t`` generated tokens."""
+        return schedule_temperature(
+            self.type, t, tau_max=self.tau_max, tau_min=self.tau_min, tau=self.tau,
+            warmup=self.warmup, scale=self.time_scale * self.decay,
+        )
+
+    def temperatures(self, n: int) -> list[float]:
+        """Temperatures of the first ``n`` tokens of a completion."""
+        return [self.temperature(t) for t in range(n)]
+
+
+def schedule_temperature(
+    type: ScheduleType, t: int, *, tau_max: float, tau_min: float, tau: float, warmup: int, scale: float
+) -> float:
+    """The SPEC section 1 table, with ``scale = k * d``.
+
+    Kept as a free function over plain numbers so the kernel tests can compare the
+    kernel with it row by row without building spec objects.
+    """
+    if type == "constant":
+        return tau
+    if t < warmup:
+        return 1.0
+    try:
+        growth = math.exp(t / scale)
+    except OverflowError:  # far past the end of the anneal: the clamp decides
+        growth = math.inf
+    if type == "ead":
+        return max(1.0 + tau_max - growth, tau_min)
+    return min(tau_min + growth, tau_max)
+
+
+_PAPER: dict[str, Any] = {
+    "type": "ead",
+    "tau_max": 1.2,
+    "tau_min": 0.1,
+    "tau": 1.0,
+    "warmup": 10,
+    "time_scale": 1.0,
+    "decay_schedule": {"d0": 25.0, "alpha": 5.0, "d_max": 40000.0, "step": 0},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # k = 1: exp(t / d) as the paper's text writes it.
+    "paper": _PAPER,
+    # k = 20: exp(len(token_ids) / (20 d)) as the authors' released code computes it.
+    "released-code": {**_PAPER, "time_scale": 20.0},
+}
+
+
+def parse_schedule(value: TemperatureSchedule | dict[str, Any] | str) -> ResolvedSchedule:
+    """Validate and resolve a schedule given as a spec object, a dict or a JSON string.
+
+    The string form is what stock ``vllm serve`` users send through ``vllm_xargs``,
+    which only carries flat values. Every failure is a :class:`ScheduleError` that
+    names the field.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ScheduleError("", f"temperature_schedule is not valid JSON: {exc}") from None
+    if isinstance(value, TemperatureSchedule):
+        return value.resolve()
+    if not isinstance(value, dict):
+        raise ScheduleError("", f"temperature_schedule must be a JSON object, got {type(value).__name__}")
+    try:
+        spec = TemperatureSchedule.model_validate(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ScheduleError(".".join(str(p) for p in err["loc"]), err["msg"]) from None
+    return spec.resolve()
+
