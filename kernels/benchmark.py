@@ -1,0 +1,140 @@
+"""Per-step cost of the scheduled temperature next to vLLM's plain temperature op.
+
+Every sampled step in vLLM already pays ``logits.div_(temp.unsqueeze(1))``; EAD replaces
+that op, so the number that matters is its cost relative to that baseline, measured in
+one run on one machine. Columns: (a) the baseline, (b) our PyTorch path (schedule in
+float64 plus the same division), (c) our Triton kernel when CUDA is available.
+
+Each timed call starts from a fresh copy of the logits (copied outside the timed region)
+so repeated in-place division cannot drift into denormals or infinities.
+
+    python -m ead_kernels.benchmark                      # CPU: small defaults, < 1 min
+    python -m ead_kernels.benchmark --batch-sizes 1 8 64 256 --repeats 50 --threads 1
+
+On GPU each call is timed with CUDA events on an otherwise idle stream, so host launch
+latency counts: that is what the PyTorch path's handful of small ops costs per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .temperature import (
+    KIND_EAD,
+    NUM_PARAMS,
+    apply_schedule_torch_,
+    apply_schedule_triton_,
+    triton_available,
+)
+
+Op = Callable[[torch.Tensor], object]
+
+
+def _rows(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Released-code EAD rows at positions spread over warm-up, anneal and clamp."""
+    g = torch.Generator().manual_seed(batch)
+    positions = torch.randint(0, 1000, (batch,), generator=g)
+    kinds = torch.full((batch,), KIND_EAD, dtype=torch.int32)
+    params = torch.tensor([[1.2, 0.1, 1.0, 10.0, 20.0 * 25.0]], dtype=torch.float64).expand(batch, NUM_PARAMS)
+    temps = torch.rand(batch, generator=g) + 0.1  # the baseline's per-row temperatures
+    return positions.to(device), kinds.to(device), params.contiguous().to(device), temps.to(device)
+
+
+def _time_ms(op: Op, work: torch.Tensor, source: torch.Tensor) -> float:
+    """One call on a fresh copy of the logits; the copy is not timed."""
+    work.copy_(source)
+    if source.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        op(work)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    op(work)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _median_ms(ops: dict[str, Op], source: torch.Tensor, warmup: int, repeats: int) -> dict[str, float]:
+    """Median per op, calling the ops in turn so that noise from a shared machine hits all alike."""
+    work = source.clone()
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for i in range(warmup + repeats):
+        for name, op in ops.items():
+            elapsed = _time_ms(op, work, source)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run(
+    batch_sizes: list[int], vocab_sizes: list[int], dtype: torch.dtype, warmup: int, repeats: int, device: torch.device
+) -> list[dict[str, float | int | None]]:
+    """Time the three ops for every (vocab, batch); returns one dict per table row."""
+    use_triton = device.type == "cuda" and triton_available()
+    results = []
+    for vocab in vocab_sizes:
+        for batch in batch_sizes:
+            positions, kinds, params, temps = _rows(batch, device)
+            logits = (torch.randn(batch, vocab, device=device) * 8).to(dtype)
+            ops: dict[str, Op] = {
+                "baseline": lambda x: x.div_(temps.unsqueeze(1)),
+                "torch": lambda x: apply_schedule_torch_(x, positions, kinds, params),
+            }
+            if use_triton:
+                ops["triton"] = lambda x: apply_schedule_triton_(x, positions, kinds, params)
+            row: dict[str, float | int | None] = {"batch": batch, "vocab": vocab, "triton": None}
+            row.update(_median_ms(ops, logits, warmup, repeats))
+            results.append(row)
+            del logits
+    return results
+
+
+def format_table(results: list[dict[str, float | int | None]]) -> str:
+    """Medians in microseconds and each path's ratio to the baseline."""
+    header = f"{'vocab':>7} {'batch':>5} | {'baseline us':>11} | {'torch us':>10} {'x base':>7} | {'triton us':>10} {'x base':>7}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        base = float(r["baseline"])  # type: ignore[arg-type]
+        cells = [f"{r['vocab']:>7} {r['batch']:>5} | {base * 1e3:>11.1f}"]
+        for name in ("torch", "triton"):
+            value = r[name]
+            cells.append(
+                f"{'-':>10} {'-':>7}" if value is None else f"{float(value) * 1e3:>10.1f} {float(value) / base:>7.2f}"
+            )
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[151936, 49152], help="Qwen, SmolLM2")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3 CPU, 20 GPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 15 CPU, 200 GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        # On a small shared CPU, waking an OpenMP pool can cost milliseconds and hide the op.
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (20 if on_gpu else 3)
+    repeats = args.repeats if args.repeats is not None else (200 if on_gpu else 15)
+    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    note = "" if on_gpu and triton_available() else " (Triton skipped: no CUDA)"
+    print(f"device: {name}; dtype {args.dtype}; median of {repeats} after {warmup} warm-up{note}")
+    results = run(args.batch_sizes, args.vocab_sizes, getattr(torch, args.dtype), warmup, repeats, device)
+    print(format_table(results))
+
+
+if __name__ == "__main__":
+    main()
