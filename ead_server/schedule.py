@@ -151,6 +151,16 @@ class ResolvedSchedule(_Strict):
     decay: PositiveFloat
     decay_schedule: _ResolvedDecaySchedule | None
 
+    def as_request(self) -> dict[str, Any]:
+        """A request-form spec that resolves to exactly this schedule.
+
+        The echoed form carries both ``decay`` and ``decay_schedule``, which a request
+        may not; this is what travels to the engine (and what a client can resend).
+        """
+        spec = self.model_dump(exclude_none=True)
+        spec.pop("decay" if self.decay_schedule is not None else "decay_schedule", None)
+        return spec
+
     def temperature(self, t: int) -> float:
         """Temperature of the token sampled after ``t`` generated tokens."""
         return schedule_temperature(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -186,4 +187,124 @@ def install_independent_seeds() -> None:
 
 def schedule_extra_args(schedule: ResolvedSchedule, extra_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """``extra_args`` carrying ``schedule`` for the processor, beside any others."""
-    return {**(extra_args or {}), SCHEDULE_KEY: schedule.model_dump()}
+    return {**(extra_args or {}), SCHEDULE_KEY: schedule.as_request()}
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def add_engine_arguments(parser: Any) -> Any:
+    """Add every ``vllm serve`` flag to ``parser`` (a ``FlexibleArgumentParser``)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    return make_arg_parser(parser)
+
+
+def argument_parser_class() -> type:
+    """vLLM's ``FlexibleArgumentParser``: the parser class its flags are written for."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return FlexibleArgumentParser
+
+
+def run_server(args: Any, extend: Callable[[Any, Any], None]) -> None:
+    """Run vLLM's OpenAI server in this process with ``extend(app, engine)`` applied.
+
+    The steps are those of vLLM's ``run_server``, with one hook between building the
+    app and serving it, where ours adds its routes and middleware.
+    """
+    import uvloop
+    from vllm import envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    install_independent_seeds()
+
+    async def serve() -> None:
+        listen_address, sock = setup_server(args, reuse_port=False)
+        async with build_async_engine_client(args) as engine:
+            tasks = await engine.get_supported_tasks()
+            app = build_app(args, tasks, engine.model_config)
+            await init_app_state(engine, app.state, args, tasks)
+            extend(app, engine)
+            shutdown = await serve_http(
+                app, sock=sock, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+                ssl_cert_reqs=args.ssl_cert_reqs,
+            )
+        try:
+            await shutdown
+        finally:
+            sock.close()
+
+    uvloop.run(serve())
+
+
+def vllm_version() -> str:
+    from vllm import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- engine calls
+
+
+def rollout_params(
+    *, n: int, max_tokens: int, stop: list[str] | None, seed: int | None, top_p: float | None,
+    top_k: int | None, schedule: ResolvedSchedule | None,
+) -> SamplingParams:
+    """Sampling settings of a rollout: temperature 1 (the schedule sets each token's),
+    no truncation unless asked, and the sampled token's log-prob returned."""
+    return SamplingParams(
+        n=n, max_tokens=max_tokens, stop=stop, seed=seed, temperature=1.0,
+        top_p=1.0 if top_p is None else top_p, top_k=0 if top_k is None else top_k, logprobs=0,
+        extra_args=schedule_extra_args(schedule) if schedule else None,
+    )
+
+
+async def generate(engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str) -> Any:
+    """The final ``RequestOutput`` of one request."""
+    final = None
+    async for output in engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
+        final = output
+    return final
+
+
+def completion_logprobs(completion: Any) -> list[float]:
+    """The sampled tokens' log-probs (behaviour log-probs under ``LOGPROBS_MODE``)."""
+    return [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
+
+
+async def target_logprobs(engine: Any, prompt_ids: list[int], token_ids: list[int], request_id: str) -> list[float]:
+    """Log-probs of ``token_ids`` after ``prompt_ids`` at temperature 1, untruncated.
+
+    A scoring pass: prompt log-probs are computed from the raw logits, before any
+    sampling processor, so they are the target policy's whatever the engine's mode.
+    """
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    output = await generate(engine, prompt_ids + token_ids, params, request_id)
+    steps = output.prompt_logprobs[len(prompt_ids):]
+    return [step[token].logprob for step, token in zip(steps, token_ids)]
+
+
+async def reload_weights(engine: Any, path: str) -> None:
+    """Load a checkpoint into the running engine, in place, and drop all cached KV.
+
+    In-flight requests are drained first; cached prefixes computed with the old
+    weights must never serve the new ones.
+    """
+    await engine.pause_generation(mode="wait", clear_cache=True)
+    try:
+        await engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        await engine.reset_prefix_cache()
+    finally:
+        await engine.resume_generation()

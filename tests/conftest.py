@@ -33,3 +33,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama with tied embeddings, like the default model."""
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama-tied"), tie_word_embeddings=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, tmp_path_factory):
+    """The real CLI serving the tiny model, shared by the whole session."""
+    from server_process import running_server
+
+    with running_server(tmp_path_factory.mktemp("server-logs"), "--model", str(tiny_model_dir),
+                        "--served-model-name", "tiny", "--max-model-len", "512") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def server_url(server) -> str:
+    """OpenAI-style base URL (ending in /v1) of the shared test server."""
+    return server.base_url
+
+
+@pytest.fixture(scope="session")
+def model_name() -> str:
+    return "tiny"

@@ -1,0 +1,236 @@
+"""The ``temperature_schedule`` extension of vLLM's OpenAI routes, as one ASGI middleware.
+
+vLLM's own server keeps every feature users rely on (streaming, ``n``, stop strings,
+log-probs, chat templates, tools, auth, metrics). This middleware adds ours around it
+without touching its internals, which is why it survives vLLM upgrades:
+
+* Requests: it validates ``temperature_schedule`` (or the stock-vLLM form
+  ``vllm_xargs.temperature_schedule`` as a JSON string), answers a 400 that names the
+  field, forbids a conflicting ``temperature``, pins the neutral sampling settings so
+  the model's ``generation_config`` defaults cannot leak in, and hands the resolved
+  schedule to the logits processor through ``vllm_xargs``.
+* Responses: it adds the resolved schedule to each choice, the per-token temperatures
+  beside the log-probs, and ``weight_version`` to every body and stream chunk. The
+  temperatures are a function of the token index and the schedule, exactly as the
+  processor computes them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import Counter
+
+from ead_server.errors import APIError
+from ead_server.schedule import ResolvedSchedule, ScheduleError, parse_schedule
+from ead_server.weight_gate import WeightGate
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+SCHEDULE_FIELD = "temperature_schedule"
+
+# Sampling settings a scheduled request gets unless it sets them (SPEC section 1): no
+# truncation and no penalties, whatever the model's generation_config suggests.
+NEUTRAL_SAMPLING = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                    "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+REQUESTS = Counter(
+    "ead_requests", "Completion and chat requests by temperature schedule type.", ["endpoint", "schedule_type"]
+)
+
+
+def prepare_request(payload: dict[str, Any]) -> ResolvedSchedule | None:
+    """Validate and rewrite a request body in place; returns its schedule, if any.
+
+    Raises :class:`APIError` (400) naming the offending field.
+    """
+    xargs = payload.get("vllm_xargs")
+    from_xargs = xargs.get(SCHEDULE_FIELD) if isinstance(xargs, dict) else None
+    raw = payload.pop(SCHEDULE_FIELD, None)
+    if raw is not None and from_xargs is not None:
+        raise APIError(400, "give the schedule once: either temperature_schedule or vllm_xargs.temperature_schedule",
+                       SCHEDULE_FIELD)
+    prefix = SCHEDULE_FIELD if from_xargs is None else f"vllm_xargs.{SCHEDULE_FIELD}"
+    raw = from_xargs if raw is None else raw
+    if raw is None:
+        return None
+    try:
+        schedule = parse_schedule(raw)
+    except ScheduleError as exc:
+        raise APIError(400, f"invalid {prefix}: {exc.message}", f"{prefix}.{exc.param}".rstrip(".")) from None
+    temperature = payload.get("temperature")
+    if temperature is not None and temperature != 1:
+        why = "greedy decoding (temperature 0) ignores it" if temperature == 0 else "both would set the temperature"
+        raise APIError(400, f"temperature_schedule sets every token's temperature, so temperature must be unset "
+                            f"or 1.0 ({why}); got temperature={temperature!r}", "temperature")
+    if payload.get("echo") and payload.get("logprobs") is not None:
+        raise APIError(400, "echo with logprobs is not supported together with temperature_schedule", "echo")
+    payload["temperature"] = 1.0
+    for field, value in NEUTRAL_SAMPLING.items():
+        if payload.get(field) is None:
+            payload[field] = value
+    payload["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}),
+                             SCHEDULE_FIELD: json.dumps(schedule.as_request())}
+    return schedule
+
+
+class _Decorator:
+    """Adds our fields to one response's JSON objects (a body or each stream chunk)."""
+
+    def __init__(self, endpoint: str, schedule: ResolvedSchedule | None, version: int) -> None:
+        self.endpoint = endpoint
+        self.schedule = schedule
+        self.echo = schedule.model_dump() if schedule else None
+        self.version = version
+        self.offsets: dict[int, int] = defaultdict(int)  # choice index -> tokens seen (streaming)
+
+    def __call__(self, obj: Any) -> Any:
+        if not isinstance(obj, dict) or "error" in obj:
+            return obj
+        obj["weight_version"] = self.version
+        if self.schedule is None:
+            return obj
+        for choice in obj.get("choices") or ():
+            index = choice.get("index", 0)
+            if index not in self.offsets:
+                choice[SCHEDULE_FIELD] = self.echo
+                self.offsets[index] = 0
+            logprobs = choice.get("logprobs")
+            if not logprobs:
+                continue
+            items = logprobs.get("token_logprobs" if self.endpoint == "completions" else "content") or []
+            temps = [self.schedule.temperature(self.offsets[index] + j) for j in range(len(items))]
+            self.offsets[index] += len(items)
+            if self.endpoint == "completions":
+                logprobs["temperatures"] = temps
+            else:
+                for item, temp in zip(items, temps):
+                    item["temperature"] = temp
+        return obj
+
+
+class ScheduleMiddleware:
+    """Pure ASGI (not ``BaseHTTPMiddleware``) so that streamed chunks pass one by one."""
+
+    def __init__(self, app: ASGIApp, gate: WeightGate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):  # vLLM answers malformed bodies itself
+            async with self.gate.reading() as version:
+                await self.app(scope, _replay(body, receive), _decorating_send(send, _Decorator(endpoint, None, version)))
+            return
+        try:
+            schedule = prepare_request(payload)
+        except APIError as exc:
+            await _send_json(send, exc.status, exc.encode())
+            return
+        REQUESTS.labels(endpoint, schedule.type if schedule else "none").inc()
+        body = json.dumps(payload).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        async with self.gate.reading() as version:
+            await self.app(scope, _replay(body, receive), _decorating_send(send, _Decorator(endpoint, schedule, version)))
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields the (rewritten) body once, then listens for disconnects."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _decorating_send(send: Send, decorate: _Decorator) -> Send:
+    """Rewrite JSON bodies whole and server-sent events one event at a time."""
+    start: Message | None = None
+    streaming = False
+    buffer = b""
+
+    async def wrapped(message: Message) -> None:
+        nonlocal start, streaming, buffer
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            streaming = content_type.startswith(b"text/event-stream")
+            if streaming:
+                await send(message)
+            else:
+                start = message  # held until the whole body is known, for content-length
+            return
+        if message["type"] != "http.response.body":
+            await send(message)
+            return
+        buffer += message.get("body", b"")
+        more = message.get("more_body", False)
+        if streaming:
+            *events, buffer = buffer.split(b"\n\n")
+            out = b"".join(_rewrite_event(e, decorate) + b"\n\n" for e in events)
+            if not more and buffer:
+                out, buffer = out + _rewrite_event(buffer, decorate), b""
+            if out or not more:
+                await send({"type": "http.response.body", "body": out, "more_body": more})
+            return
+        if more:
+            return
+        assert start is not None
+        body = buffer
+        if start["status"] == 200:
+            try:
+                body = json.dumps(decorate(json.loads(body))).encode()
+            except ValueError:
+                pass
+        headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
+
+
+def _rewrite_event(event: bytes, decorate: _Decorator) -> bytes:
+    prefix = b"data: "
+    if not event.startswith(prefix) or event == b"data: [DONE]":
+        return event
+    try:
+        obj = json.loads(event[len(prefix):])
+    except ValueError:
+        return event
+    return prefix + json.dumps(decorate(obj)).encode()

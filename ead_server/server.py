@@ -1,0 +1,175 @@
+"""ead-server's additions to vLLM's OpenAI app: middleware, rollouts and weight routes.
+
+:func:`extend_app` is the one hook the adapter calls between building vLLM's app and
+serving it. Auth follows vLLM's: ``--api-key`` guards ``/v1`` routes (vLLM's own
+middleware); ``--admin-key`` additionally guards the admin route, as a dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.middleware import Middleware
+
+from ead_server import __version__, vllm_adapter
+from ead_server.checkpoints import check_compatible, resolve_under, stage_tied_head
+from ead_server.errors import APIError
+from ead_server.openai_middleware import REQUESTS, ScheduleMiddleware
+from ead_server.protocol import ReloadRequest, Rollout, RolloutRequest, RolloutResponse, WeightsInfo
+from ead_server.schedule import ResolvedSchedule, ScheduleError
+from ead_server.weight_gate import WeightGate
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_path: str
+    admin_key: str | None = None
+    weights_root: Path | None = None
+
+
+def extend_app(app: FastAPI, engine: Any, config: ServerConfig) -> None:
+    gate = WeightGate(path=config.model_path)
+    app.state.ead = _State(engine=engine, config=config, gate=gate, reload_lock=asyncio.Lock())
+    # Innermost, so vLLM's auth middleware answers unauthenticated requests first.
+    app.user_middleware.append(Middleware(ScheduleMiddleware, gate=gate))
+    app.add_exception_handler(APIError, lambda _request, exc: exc.response())
+    app.include_router(router)
+    # Our /version replaces vLLM's (it adds our version): move our route to the front.
+    ours = next(r for r in app.router.routes if getattr(r, "endpoint", None) is version)
+    app.router.routes.remove(ours)
+    app.router.routes.insert(0, ours)
+    # vLLM's SageMaker bootstrap has already built the middleware stack: build it again.
+    app.middleware_stack = app.build_middleware_stack()
+
+
+@dataclass
+class _State:
+    engine: Any
+    config: ServerConfig
+    gate: WeightGate
+    reload_lock: asyncio.Lock
+
+
+def _state(request: Request) -> _State:
+    return request.app.state.ead
+
+
+def _require_admin(request: Request) -> None:
+    key = _state(request).config.admin_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise APIError(401, "admin route: send 'Authorization: Bearer <admin key>'")
+
+
+router = APIRouter()
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": vllm_adapter.vllm_version(), "ead_server": __version__}
+
+
+@router.get("/v1/weights", response_model=WeightsInfo)
+async def weights(state: _State = Depends(_state)) -> WeightsInfo:
+    return WeightsInfo(weight_version=state.gate.version, path=state.gate.path)
+
+
+@router.post("/v1/weights/reload", response_model=WeightsInfo, dependencies=[Depends(_require_admin)])
+async def reload(body: ReloadRequest, state: _State = Depends(_state)) -> WeightsInfo:
+    """Load a same-architecture safetensors checkpoint under ``--weights-root``.
+
+    Requests in flight finish on the old weights; new ones wait and then run on the new
+    ones. A checkpoint that fails the checks is refused before the engine sees it; one
+    that fails inside the engine is answered 500 after the previous weights are loaded
+    back.
+    """
+    root = state.config.weights_root
+    if root is None:
+        raise APIError(403, "weight reload is disabled: start the server with --weights-root DIR", "path")
+    folder = resolve_under(root, body.path)
+    table = check_compatible(folder, Path(state.config.model_path))
+    async with state.reload_lock, state.gate.writing():
+        try:
+            await _load(state.engine, folder, table)
+        except Exception as exc:  # noqa: BLE001 - any engine failure: restore, then report
+            previous = Path(state.gate.path or state.config.model_path)
+            await _load(state.engine, previous, check_compatible(previous, Path(state.config.model_path)))
+            raise APIError(500, f"reload failed inside the engine ({exc}); the previous weights "
+                                f"(version {state.gate.version}) are serving again") from None
+        state.gate.commit(str(folder))
+    return WeightsInfo(weight_version=state.gate.version, path=state.gate.path)
+
+
+async def _load(engine: Any, folder: Path, table: dict) -> None:
+    staging = stage_tied_head(folder, table)
+    try:
+        await vllm_adapter.reload_weights(engine, staging.name if staging else str(folder))
+    finally:
+        if staging:
+            staging.cleanup()
+
+
+@router.post("/v1/rollouts", response_model=RolloutResponse)
+async def rollouts(body: RolloutRequest, state: _State = Depends(_state)) -> RolloutResponse:
+    """Token-level rollouts with behaviour (and optionally target) log-probs."""
+    try:
+        schedule = body.temperature_schedule.resolve() if body.temperature_schedule else None
+    except ScheduleError as exc:
+        raise APIError(400, exc.message, f"temperature_schedule.{exc.param}") from None
+    REQUESTS.labels("rollouts", schedule.type if schedule else "none").inc()
+    tokenizer = state.engine.get_tokenizer()
+    prompts = body.prompts if body.prompts is not None else body.messages
+    prompt_ids = [_prompt_ids(tokenizer, p, chat=body.messages is not None) for p in prompts]
+    seeds = body.seed if isinstance(body.seed, list) else [
+        None if body.seed is None else body.seed + i for i in range(len(prompt_ids))
+    ]
+    async with state.gate.reading() as weight_version:
+        per_prompt = await asyncio.gather(*(
+            _rollouts_for_prompt(state.engine, i, ids, seed, schedule, body) for i, (ids, seed) in
+            enumerate(zip(prompt_ids, seeds))
+        ))
+    return RolloutResponse(weight_version=weight_version, temperature_schedule=schedule,
+                           rollouts=[r for group in per_prompt for r in group])
+
+
+def _prompt_ids(tokenizer: Any, prompt: Any, *, chat: bool) -> list[int]:
+    if chat:
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    return list(prompt)
+
+
+async def _rollouts_for_prompt(
+    engine: Any, index: int, prompt_ids: list[int], seed: int | None, schedule: ResolvedSchedule | None,
+    body: RolloutRequest,
+) -> list[Rollout]:
+    params = vllm_adapter.rollout_params(n=body.n, max_tokens=body.max_tokens, stop=body.stop, seed=seed,
+                                         top_p=body.top_p, top_k=body.top_k, schedule=schedule)
+    request_id = f"rollout-{uuid.uuid4().hex}"
+    output = await vllm_adapter.generate(engine, prompt_ids, params, request_id)
+    completions = sorted(output.outputs, key=lambda c: c.index)
+    targets: list[list[float] | None] = [None] * len(completions)
+    if body.return_target_logprobs:
+        targets = await asyncio.gather(*(
+            vllm_adapter.target_logprobs(engine, prompt_ids, list(c.token_ids), f"{request_id}-score-{c.index}")
+            for c in completions
+        ))
+    return [
+        Rollout(
+            prompt_index=index, sample_index=c.index, prompt_token_ids=prompt_ids, token_ids=list(c.token_ids),
+            text=c.text, finish_reason=c.finish_reason, behavior_logprobs=vllm_adapter.completion_logprobs(c),
+            temperatures=schedule.temperatures(len(c.token_ids)) if schedule else [1.0] * len(c.token_ids),
+            target_logprobs=target,
+        )
+        for c, target in zip(completions, targets)
+    ]
