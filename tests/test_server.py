@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 
 import httpx
 import numpy as np
@@ -197,26 +196,29 @@ def test_same_seeded_request_twice_gives_the_same_samples(client, model_name):
 
 
 def test_nearby_seeds_give_independent_sample_streams(client, model_name, tiny_model_dir):
-    """Counts of a rare first token across requests seeded 100..119 (n=50 each) must
-    not be under-dispersed, as they are when request s+1 reuses s's streams."""
+    """Per-request counts of the first token across requests seeded 100..119 (n=50 each)
+    must not be under-dispersed, as they are when request s+1 reuses s's sample streams
+    (stock vLLM: chi-square 10 on 57 degrees of freedom, lower tail 5e-13)."""
     schedule = {"type": "constant", "tau": 1.0}
     probe = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=1,
                                       extra_body={"temperature_schedule": schedule, "return_token_ids": True})
     prompt_ids = probe.choices[0].model_extra["prompt_token_ids"]
     probs = torch.softmax(completion_logits(tiny_model_dir, prompt_ids, [0])[0].double(), -1).numpy()
-    rare = int(np.argmin(np.abs(probs - 0.06)))
-    p = probs[rare]
-    assert 0.02 < p < 0.15
-    counts = []
+    tokens = [int(t) for t in np.flatnonzero(probs >= 0.04)]  # the rest pooled as one category
+    assert 2 <= len(tokens) <= 10
+    table = []
     for seed in range(100, 120):
         r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=1, n=50, seed=seed,
                                       extra_body={"temperature_schedule": schedule, "return_token_ids": True})
-        counts.append(sum(c.model_extra["token_ids"][0] == rare for c in r.choices))
-    counts = np.array(counts)
-    # Dispersion index against the binomial: chi-square with 19 degrees of freedom.
-    dispersion = ((counts - 50 * p) ** 2).sum() / (50 * p * (1 - p))
-    assert stats.chi2.cdf(dispersion, df=19) > 1e-3, (counts, dispersion)
-    assert abs(counts.mean() - 50 * p) < 4 * math.sqrt(50 * p * (1 - p) / 20)
+        first = [c.model_extra["token_ids"][0] for c in r.choices]
+        row = [first.count(t) for t in tokens]
+        table.append([*row, 50 - sum(row)])
+    table = np.array(table)
+    homogeneity = stats.chi2_contingency(table)
+    assert stats.chi2.cdf(homogeneity.statistic, homogeneity.dof) > 1e-3, table.T
+    # And the pooled draws follow softmax(h): the streams are fresh, not merely shuffled.
+    expected = np.append(probs[tokens], 1 - probs[tokens].sum()) * table.sum()
+    assert stats.chisquare(table.sum(0), expected).pvalue > 1e-3
 
 
 def test_models_health_version_metrics(server, model_name):

@@ -1,0 +1,449 @@
+"""``EADClient`` (threads over ``httpx.Client``) and ``AsyncEADClient`` (tasks over
+``httpx.AsyncClient``): the same methods, arguments and results; only the waiting differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from ead_server.schedule import TemperatureSchedule
+
+from ._base import (
+    _NOT_SENT,
+    BaseEADClient,
+    _Chunk,
+    _ChunkFailure,
+    _ChunkResult,
+    _RetryState,
+)
+from ._models import RolloutBatch
+from .errors import EADError
+
+__all__ = ["AsyncEADClient", "EADClient"]
+
+_Outcome = _ChunkResult | _ChunkFailure
+
+
+class _Cancelled(EADError):
+    """A request not sent because another request of the same call failed for good."""
+
+
+class EADClient(BaseEADClient):
+    """Client of one or more EAD servers for RL rollouts (blocking).
+
+    ::
+
+        with EADClient(["http://gpu0:8000", "http://gpu1:8000"]) as client:
+            batch = client.rollouts(prompts, n=8, max_tokens=1024, step=global_step, seed=seed)
+            arrays = batch.to_numpy()
+            version = client.reload_weights("/ckpt/step-100")
+
+    Safe to share between threads: requests of one call run on a thread pool, and
+    ``max_concurrency`` bounds the requests in flight over all calls together. Works in
+    any thread, with or without an event loop; inside async code prefer
+    :class:`AsyncEADClient`, since a blocking call stalls the loop for the whole call.
+    See :class:`BaseEADClient` for the arguments.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._http = httpx.Client(**self._httpx_kwargs())
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection pool. The client cannot be used afterwards."""
+        self._http.close()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._http.is_closed
+
+    def __enter__(self) -> EADClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- rollouts -----------------------------------------------------------------------------
+
+    def rollouts(
+        self,
+        prompts: Sequence[str | Sequence[int]] | None = None,
+        *,
+        messages: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+        n: int = 1,
+        max_tokens: int = 1024,
+        schedule: TemperatureSchedule | Mapping[str, Any] | None = None,
+        step: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        return_target_logprobs: bool = False,
+        model: str | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` completions of every prompt, with per-token log-probs.
+
+        Args:
+            prompts: strings, or lists of token ids (one entry per prompt).
+            messages: instead of ``prompts``: chat conversations, each a list of
+                ``{"role": ..., "content": ...}`` dicts (the server applies the chat template).
+            n: samples per prompt.
+            max_tokens: most tokens generated per sample.
+            schedule: the temperature schedule (``TemperatureSchedule`` or its dict form,
+                e.g. ``{"type": "ead", "tau_min": 0.8}``); ``None`` sends no schedule (the
+                server's unscheduled sampling). Validated here: errors raise
+                ``ScheduleError`` naming the field, before anything is sent.
+            step: the trainer's global step, written into ``decay_schedule.step``
+                (``d = min(d0 + alpha * step, d_max)``). Without a schedule it selects the
+                ``paper`` preset. An error with a schedule whose fixed ``decay`` would
+                ignore it, or whose ``decay_schedule.step`` differs. Allowed (and without
+                effect) for ``constant`` schedules, so one call site serves both.
+            stop: stop string(s).
+            seed: makes the call reproducible. Prompt ``i`` is sampled with seed
+                ``seed + i`` in a request of its own, so its samples are those of a
+                single-prompt request seeded ``seed + i``: independent of how many
+                servers there are, of ``chunk_size`` / ``max_concurrency``, and of retries
+                and fail-over (given the same weights). The server keeps the ``n`` samples
+                of one request independent (SPEC section 2). ``None``: unseeded, and
+                prompts are batched ``chunk_size`` per request.
+            top_p, top_k: truncation of the behaviour distribution (the behaviour
+                log-probs then refer to the truncated distribution).
+            return_target_logprobs: also return the temperature-1 log-probs of every
+                sampled token (``Rollout.target_logprobs``).
+            model: the served model name, when the server wants one.
+
+        Returns:
+            A :class:`RolloutBatch` with ``num_prompts * n`` rollouts ordered by
+            ``(prompt_index, sample_index)``, ``prompt_index`` indexing ``prompts``.
+
+        Raises:
+            ScheduleError / ValueError / TypeError: invalid arguments (nothing sent).
+            BadRequestError, AuthenticationError: a 4xx answer, never retried; the call
+                stops at once and ``prompt_indices`` names the request's prompts.
+            RolloutError: some prompts still failed after all retries and fail-overs
+                (``failed_prompt_indices``); no partial result is returned.
+            WeightVersionMismatch: the responses came from different weight versions.
+            ProtocolError: a server answered with a body that breaks the protocol.
+        """
+        chunks = self._build_rollout_chunks(
+            prompts, messages, n=n, max_tokens=max_tokens, schedule=schedule, step=step, stop=stop,
+            seed=seed, top_p=top_p, top_k=top_k, return_target_logprobs=return_target_logprobs, model=model,
+        )
+        outcomes = self._run_chunks(chunks)
+        return self._assemble(outcomes, num_prompts=chunks[-1].stop, n=n)
+
+    def _run_chunks(self, chunks: list[_Chunk]) -> list[_Outcome]:
+        cancel = threading.Event()
+        if len(chunks) == 1:
+            return [self._run_chunk(chunks[0], cancel)]
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks)), thread_name_prefix="ead-client")
+        futures = [pool.submit(self._run_chunk, c, cancel) for c in chunks]
+        try:
+            done, _ = wait_futures(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f in done and f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+        except BaseException:
+            # A 4xx (or Ctrl-C): stop sending. Requests already on the wire finish in the
+            # background and are discarded.
+            cancel.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return [f.result() for f in futures]
+
+    def _run_chunk(self, chunk: _Chunk, cancel: threading.Event) -> _Outcome:
+        state = _RetryState()
+        while True:
+            with self._slots:
+                if cancel.is_set():  # checked after the wait for a slot, which may be long
+                    return _ChunkFailure(chunk, _Cancelled("not sent: another request of this call failed"))
+                server = self._acquire_server(state.tried)
+                state.attempts += 1
+                state.tried.add(server.url)
+                state.last_url = server.url
+                healthy: bool | None = None
+                try:
+                    response = self._http.post(server.url + "/v1/rollouts", json=chunk.body, headers=self._headers())
+                except httpx.TransportError as exc:
+                    healthy, state.last_error = False, exc
+                else:
+                    if response.is_success:
+                        healthy = True
+                        return self._parse_rollouts(self._json(response, server.url), chunk, server.url)
+                    err = self._api_error(response, server.url)
+                    if not self._is_transient_status(response.status_code):
+                        healthy = True  # the server is fine; the request is not
+                        err.prompt_indices = chunk.indices
+                        raise err
+                    healthy, state.last_error = False, err
+                finally:
+                    self._release_server(server, healthy)
+            delay = self._retry_delay(state)
+            if delay is None:
+                return _ChunkFailure(chunk, self._unavailable(state, _describe_chunk(chunk)))
+            if delay:
+                cancel.wait(delay)  # returns early when the call is cancelled
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def reload_weights(self, path: str) -> int:
+        """Load the weights at ``path`` on every server (concurrently); returns the new
+        weight version they all report.
+
+        Sent with ``admin_key``. Retried only when the request cannot have reached the
+        server (connection refused, connect timeout), since a reload changes server
+        state. Raises the first server's error if any server fails (``add_note`` lists
+        the other servers' outcomes), and :class:`WeightVersionMismatch` (with each
+        server's version) if they disagree afterwards.
+        """
+        body = {"path": str(path)}
+
+        def reload(url: str) -> int:
+            answer = self._call(url, "POST", "/v1/weights/reload", body, admin=True, idempotent=False)
+            return self._parse_version(answer, url)
+
+        return self._common_version(self._each_server(reload))
+
+    def weight_versions(self) -> dict[str, int]:
+        """The weight version each server reports, keyed by server URL."""
+        return self._each_server(lambda url: self._parse_version(self._call(url, "GET", "/v1/weights", None), url))
+
+    def health(self) -> dict[str, bool]:
+        """Whether each server answers ``GET /health`` with 2xx (one try, no retries)."""
+
+        def probe(url: str) -> bool:
+            try:
+                r = self._http.get(url + "/health", headers=self._headers(), timeout=self._probe_timeout)
+            except httpx.TransportError:
+                return False
+            return r.is_success
+
+        return self._each_server(probe, collect_errors=False)
+
+    def _each_server(self, fn: Any, collect_errors: bool = True) -> dict[str, Any]:
+        with ThreadPoolExecutor(max_workers=len(self.base_urls), thread_name_prefix="ead-client") as pool:
+            futures = {url: pool.submit(fn, url) for url in self.base_urls}
+        errors = {u: f.exception() for u, f in futures.items() if f.exception() is not None}
+        done = {u: f.result() for u, f in futures.items() if f.exception() is None}
+        if errors and collect_errors:
+            self._raise_first(errors, done, "outcome")  # type: ignore[arg-type]
+        return done
+
+    def _call(
+        self, url: str, method: str, path: str, body: Any, *, admin: bool = False, idempotent: bool = True
+    ) -> dict[str, Any]:
+        """One server, retried in place (no fail-over: every server must answer)."""
+        state = _RetryState()
+        while True:
+            state.attempts += 1
+            state.last_url = url
+            try:
+                response = self._http.request(method, url + path, json=body, headers=self._headers(admin))
+            except httpx.TransportError as exc:
+                state.last_error = exc
+                if not idempotent and not isinstance(exc, _NOT_SENT):
+                    raise self._unavailable(state, f"{method} {path} (not retried: it may have reached the server)")
+            else:
+                if response.is_success:
+                    return self._json(response, url)
+                err = self._api_error(response, url)
+                if not (idempotent and self._is_transient_status(response.status_code)):
+                    raise err
+                state.last_error = err
+            delay = self._backoff_delay(state)
+            if delay is None:
+                raise self._unavailable(state, f"{method} {path}")
+            time.sleep(delay)
+
+
+class AsyncEADClient(BaseEADClient):
+    """The async twin of :class:`EADClient`: same arguments, same results, ``await`` each call.
+
+    ::
+
+        async with AsyncEADClient(urls) as client:
+            batch = await client.rollouts(prompts, n=8, max_tokens=1024, step=step)
+
+    Use it from one event loop (the connection pool belongs to the loop it first runs on).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._http = httpx.AsyncClient(**self._httpx_kwargs())
+        self._slots = asyncio.Semaphore(self.max_concurrency)
+
+    async def aclose(self) -> None:
+        """Close the connection pool (httpx's name for the async ``close``)."""
+        await self._http.aclose()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._http.is_closed
+
+    async def __aenter__(self) -> AsyncEADClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def rollouts(
+        self,
+        prompts: Sequence[str | Sequence[int]] | None = None,
+        *,
+        messages: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+        n: int = 1,
+        max_tokens: int = 1024,
+        schedule: TemperatureSchedule | Mapping[str, Any] | None = None,
+        step: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        return_target_logprobs: bool = False,
+        model: str | None = None,
+    ) -> RolloutBatch:
+        chunks = self._build_rollout_chunks(
+            prompts, messages, n=n, max_tokens=max_tokens, schedule=schedule, step=step, stop=stop,
+            seed=seed, top_p=top_p, top_k=top_k, return_target_logprobs=return_target_logprobs, model=model,
+        )
+        outcomes = await self._run_chunks(chunks)
+        return self._assemble(outcomes, num_prompts=chunks[-1].stop, n=n)
+
+    rollouts.__doc__ = EADClient.rollouts.__doc__
+
+    async def _run_chunks(self, chunks: list[_Chunk]) -> list[_Outcome]:
+        tasks = [asyncio.ensure_future(self._run_chunk(c)) for c in chunks]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except BaseException:  # the caller was cancelled: take the requests with us
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if pending:  # a 4xx: stop sending the rest
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for t in tasks:
+            if t in done and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+
+    async def _run_chunk(self, chunk: _Chunk) -> _Outcome:
+        state = _RetryState()
+        while True:
+            async with self._slots:
+                server = self._acquire_server(state.tried)
+                state.attempts += 1
+                state.tried.add(server.url)
+                state.last_url = server.url
+                healthy: bool | None = None
+                try:
+                    response = await self._http.post(
+                        server.url + "/v1/rollouts", json=chunk.body, headers=self._headers()
+                    )
+                except httpx.TransportError as exc:
+                    healthy, state.last_error = False, exc
+                else:
+                    if response.is_success:
+                        healthy = True
+                        return self._parse_rollouts(self._json(response, server.url), chunk, server.url)
+                    err = self._api_error(response, server.url)
+                    if not self._is_transient_status(response.status_code):
+                        healthy = True
+                        err.prompt_indices = chunk.indices
+                        raise err
+                    healthy, state.last_error = False, err
+                finally:
+                    self._release_server(server, healthy)
+            delay = self._retry_delay(state)
+            if delay is None:
+                return _ChunkFailure(chunk, self._unavailable(state, _describe_chunk(chunk)))
+            if delay:
+                await asyncio.sleep(delay)
+
+    async def reload_weights(self, path: str) -> int:
+        body = {"path": str(path)}
+
+        async def reload(url: str) -> int:
+            answer = await self._call(url, "POST", "/v1/weights/reload", body, admin=True, idempotent=False)
+            return self._parse_version(answer, url)
+
+        return self._common_version(await self._each_server(reload))
+
+    reload_weights.__doc__ = EADClient.reload_weights.__doc__
+
+    async def weight_versions(self) -> dict[str, int]:
+        async def version(url: str) -> int:
+            return self._parse_version(await self._call(url, "GET", "/v1/weights", None), url)
+
+        return await self._each_server(version)
+
+    weight_versions.__doc__ = EADClient.weight_versions.__doc__
+
+    async def health(self) -> dict[str, bool]:
+        async def probe(url: str) -> bool:
+            try:
+                r = await self._http.get(url + "/health", headers=self._headers(), timeout=self._probe_timeout)
+            except httpx.TransportError:
+                return False
+            return r.is_success
+
+        return await self._each_server(probe, collect_errors=False)
+
+    health.__doc__ = EADClient.health.__doc__
+
+    async def _each_server(self, fn: Any, collect_errors: bool = True) -> dict[str, Any]:
+        results = await asyncio.gather(*(fn(url) for url in self.base_urls), return_exceptions=True)
+        errors = {u: r for u, r in zip(self.base_urls, results) if isinstance(r, BaseException)}
+        done = {u: r for u, r in zip(self.base_urls, results) if not isinstance(r, BaseException)}
+        if errors and collect_errors:
+            self._raise_first(errors, done, "outcome")
+        return done
+
+    async def _call(
+        self, url: str, method: str, path: str, body: Any, *, admin: bool = False, idempotent: bool = True
+    ) -> dict[str, Any]:
+        state = _RetryState()
+        while True:
+            state.attempts += 1
+            state.last_url = url
+            try:
+                response = await self._http.request(method, url + path, json=body, headers=self._headers(admin))
+            except httpx.TransportError as exc:
+                state.last_error = exc
+                if not idempotent and not isinstance(exc, _NOT_SENT):
+                    raise self._unavailable(state, f"{method} {path} (not retried: it may have reached the server)")
+            else:
+                if response.is_success:
+                    return self._json(response, url)
+                err = self._api_error(response, url)
+                if not (idempotent and self._is_transient_status(response.status_code)):
+                    raise err
+                state.last_error = err
+            delay = self._backoff_delay(state)
+            if delay is None:
+                raise self._unavailable(state, f"{method} {path}")
+            await asyncio.sleep(delay)
+
+
+def _describe_chunk(chunk: _Chunk) -> str:
+    first, last = chunk.start, chunk.stop - 1
+    return f"rollouts for prompt {first}" if first == last else f"rollouts for prompts {first}-{last}"
