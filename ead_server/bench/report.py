@@ -1,0 +1,157 @@
+"""Writing a run's results: ``results.json``, ``results.md``, ``majority.png``, ``passk.png``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ead_server.bench.summary import WARMUP_MAJORITY  # noqa: E402
+
+__all__ = ["write_report"]
+
+
+def _ci(stat: dict[str, float], digits: int = 3) -> str:
+    return f"{stat['mean']:.{digits}f} [{stat['ci_low']:.{digits}f}, {stat['ci_high']:.{digits}f}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def _warmup_notes(results: dict[str, Any]) -> list[str]:
+    notes = []
+    for s in results["schedules"]:
+        r, shares = s["resolved"], s["token_shares"]
+        if r["type"] != "constant" and shares["warmup"] > WARMUP_MAJORITY:
+            notes.append(
+                f"- **{s['label']}**: {shares['warmup']:.0%} of its tokens were sampled inside the warm-up "
+                f"(the first c = {r['warmup']} tokens, always at temperature 1.0; mean response "
+                f"{s['response_tokens']['mean']:.1f} tokens). There EAD and temperature 1.0 sample "
+                "identically, so its results cannot differ from constant temperature 1.0 because of the "
+                "schedule."
+            )
+    return notes
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    ns = results["settings"]["ns"]
+    boot = results["settings"]["bootstrap"]
+    scheds = results["schedules"]
+    ds = cfg.get("dataset", {})
+    lines = [
+        "# Majority-vote test-time scaling",
+        "",
+        f"Model `{cfg.get('model')}` via `/v1/{'chat/completions' if cfg.get('api') == 'chat' else 'completions'}`; "
+        f"dataset `{ds.get('source')}` ({results['n_problems']} problems); pool of {cfg.get('n_max')} samples "
+        f"per problem and schedule; max_tokens {cfg.get('max_tokens')}; seed {cfg.get('seed')}.",
+        f"Means over problems with {boot['confidence']:.0%} percentile-bootstrap intervals "
+        f"({boot['resamples']} resamples of problems).",
+        "",
+        "## Maj@N",
+        "",
+        *_table(["schedule", *(f"N={n}" for n in ns)], [[s["label"], *(_ci(s["maj"][str(n)]) for n in ns)] for s in scheds]),
+        "",
+        "## Pass@k",
+        "",
+        *_table(["schedule", *(f"k={n}" for n in ns)], [[s["label"], *(_ci(s["pass"][str(n)]) for n in ns)] for s in scheds]),
+        "",
+        "## Worst@k",
+        "",
+        *_table(["schedule", *(f"k={n}" for n in ns)], [[s["label"], *(_ci(s["worst"][str(n)]) for n in ns)] for s in scheds]),
+        "",
+        "## Samples",
+        "",
+        *_table(
+            ["schedule", "mean accuracy", "answer classes / problem", "response tokens", "warm-up c", "k * d",
+             "anneal ends at token", "tokens in warm-up", "hot (tau > 1)", "cold (tau < 1)", "stopped / cut"],
+            [
+                [
+                    s["label"], _ci(s["mean_accuracy"]), _ci(s["distinct_classes"], 2), _ci(s["response_tokens"], 1),
+                    "-" if s["resolved"]["type"] == "constant" else str(s["resolved"]["warmup"]),
+                    "-" if s["resolved"]["type"] == "constant" else f"{s['resolved']['time_scale'] * s['resolved']['decay']:g}",
+                    "-" if s["anneal_end_token"] is None else str(s["anneal_end_token"]),
+                    f"{s['token_shares']['warmup']:.0%}", f"{s['token_shares']['hot']:.0%}",
+                    f"{s['token_shares']['cold']:.0%}",
+                    f"{s['finish_reasons'].get('stop', 0)} / {s['finish_reasons'].get('length', 0)}",
+                ]
+                for s in scheds
+            ],
+        ),
+        "",
+    ]
+    if len(scheds) > 1:
+        base = scheds[0]["label"]
+        lines += [
+            f"## Difference to `{base}` (paired bootstrap)",
+            "",
+            *_table(
+                ["schedule", "mean accuracy", *(f"Maj@{n}" for n in ns)],
+                [[s["label"], _ci(s["vs_baseline"]["mean_accuracy"]),
+                  *(_ci(s["vs_baseline"]["maj"][str(n)]) for n in ns)] for s in scheds[1:]],
+            ),
+            "",
+        ]
+    notes = _warmup_notes(results)
+    if notes:
+        lines += ["## Warm-up", "", *notes, ""]
+    g = results.get("grading", {})
+    if g:
+        lines += [
+            "## Grading",
+            "",
+            f"math-verify checks: {g.get('checks', 0)} run, {g.get('cached', 0)} from the cache; "
+            f"{g.get('timed_out', 0)} timed out (counted wrong; timeout {g.get('timeout_s')} s); "
+            f"problems whose gold answer did not parse: {g.get('gold_unparsed', 0)}.",
+            "Answers: " + "; ".join(
+                f"{s['label']}: " + ", ".join(f"{k} {v}" for k, v in sorted(s["extraction"].items())) for s in scheds
+            ) + ".",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, Any], path: Path, series: list[tuple[str, str, str]], ylabel: str, title: str) -> None:
+    ns = results["settings"]["ns"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, s in enumerate(results["schedules"]):
+        color = colors[i % len(colors)]
+        for key, style, suffix in series:
+            stats = [s[key][str(n)] for n in ns]
+            ax.plot(ns, [x["mean"] for x in stats], style, color=color, marker="o", label=s["label"] + suffix)
+            ax.fill_between(ns, [x["ci_low"] for x in stats], [x["ci_high"] for x in stats], color=color, alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N (samples)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out: Path) -> list[Path]:
+    """Write the four result files into ``out``; returns their paths."""
+    paths = [out / "results.json", out / "results.md", out / "majority.png", out / "passk.png"]
+    tmp = paths[0].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(paths[0])
+    paths[1].write_text(markdown(results) + "\n")
+    name = results["config"].get("model")
+    _plot(results, paths[2], [("maj", "-", "")], "Maj@N", f"Majority vote, {name}")
+    _plot(results, paths[3], [("pass", "-", " pass@k"), ("worst", "--", " worst@k")], "Pass@k / Worst@k",
+          f"Pass@k (solid) and Worst@k (dashed), {name}")
+    return paths

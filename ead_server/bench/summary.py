@@ -1,0 +1,162 @@
+"""From graded pools to the numbers of ``results.json`` (schema in ``docs/benchmark.md``).
+
+Every metric is first computed per problem, then averaged over problems with a
+percentile-bootstrap interval. The bootstrap draws the same problem resamples for every
+schedule, so the intervals of differences to the baseline (the first schedule) are paired.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ead_server.bench.config import BenchSchedule
+from ead_server.bench.metrics import (
+    VotePool,
+    bootstrap_indices,
+    bootstrap_mean,
+    majority_at_n,
+    pass_at_k,
+    vote,
+    worst_at_k,
+)
+from ead_server.schedule import ResolvedSchedule
+
+__all__ = ["SCHEMA_VERSION", "WARMUP_MAJORITY", "summarize", "token_shares"]
+
+SCHEMA_VERSION = 1
+# Above this share of tokens inside the warm-up, the report says that an annealed
+# schedule cannot differ from temperature 1.0.
+WARMUP_MAJORITY = 0.5
+
+
+def token_shares(resolved: ResolvedSchedule, lengths: Sequence[int]) -> dict[str, float | int]:
+    """Shares of all sampled tokens taken inside the warm-up, while hot (tau > 1) and while
+    cold (tau < 1), from the schedule's own temperatures for each completion's length."""
+    lengths = [n for n in lengths if n]
+    total = sum(lengths)
+    if not total:
+        return {"tokens": 0, "warmup": 0.0, "hot": 0.0, "cold": 0.0}
+    temps = np.asarray(resolved.temperatures(max(lengths)))
+    warm = np.arange(len(temps)) < (0 if resolved.type == "constant" else resolved.warmup)
+    # Counts over the first n tokens, for every n at once.
+    prefix = {name: np.concatenate([[0], np.cumsum(mask)]) for name, mask in
+              (("warmup", warm), ("hot", temps > 1.0), ("cold", temps < 1.0))}
+    return {"tokens": total, **{name: float(sum(p[n] for n in lengths) / total) for name, p in prefix.items()}}
+
+
+def anneal_end(resolved: ResolvedSchedule, horizon: int = 100_000) -> int | None:
+    """The first token index at which an annealed schedule has reached its final temperature."""
+    if resolved.type == "constant":
+        return None
+    final = resolved.tau_min if resolved.type == "ead" else resolved.tau_max
+    t = resolved.warmup
+    while t < horizon:
+        if resolved.temperature(t) == final:
+            return t
+        t += 1
+    return None
+
+
+def _interval(values: Sequence[float], indices: np.ndarray, confidence: float) -> dict[str, float]:
+    return bootstrap_mean(values, indices, confidence).as_dict()
+
+
+def summarize(
+    *,
+    config: Mapping[str, Any],
+    schedules: Sequence[BenchSchedule],
+    problem_ids: Sequence[str],
+    pools: Mapping[tuple[str, str], VotePool],
+    samples: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
+    extraction_methods: Mapping[tuple[str, str], Sequence[str]],
+    ns: Sequence[int],
+    seed: int,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    maj_subsets: int = 1000,
+    grading: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``results.json`` document. ``pools``, ``samples`` and ``extraction_methods`` are
+    keyed by ``(problem_id, schedule label)`` and hold the pool in sample order."""
+    indices = bootstrap_indices(len(problem_ids), resamples, seed)
+    per_problem: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    values: dict[str, dict[str, list[float]]] = {}
+    for si, schedule in enumerate(schedules):
+        v: dict[str, list[float]] = {"accuracy": [], "classes": [], "tokens": []}
+        lengths: list[int] = []
+        finish: Counter[str] = Counter()
+        methods: Counter[str] = Counter()
+        for pi, pid in enumerate(problem_ids):
+            pool = pools[(pid, schedule.label)]
+            size, m = pool.size, pool.n_correct
+            maj = {}
+            for n in ns:
+                rng = np.random.default_rng([seed, pi, si, n])
+                maj[n] = majority_at_n(pool, n, max_subsets=maj_subsets, rng=rng).value
+                v.setdefault(f"maj@{n}", []).append(maj[n])
+                v.setdefault(f"pass@{n}", []).append(pass_at_k(size, m, n))
+                v.setdefault(f"worst@{n}", []).append(worst_at_k(size, m, n))
+            classes = vote(pool, range(size))[1]
+            pool_samples = samples[(pid, schedule.label)]
+            pool_lengths = [s.get("n_tokens") or 0 for s in pool_samples]
+            lengths += pool_lengths
+            finish.update(str(s.get("finish_reason")) for s in pool_samples)
+            methods.update(extraction_methods[(pid, schedule.label)])
+            v["accuracy"].append(m / size)
+            v["classes"].append(classes)
+            v["tokens"].append(float(np.mean(pool_lengths)))
+            per_problem.append({
+                "problem_id": pid, "schedule": schedule.label, "samples": size, "correct": m,
+                "classes": classes, "maj": {str(n): maj[n] for n in ns},
+            })
+        values[schedule.label] = v
+        entry: dict[str, Any] = {
+            "label": schedule.label,
+            "spec": schedule.spec,
+            "resolved": schedule.resolved.model_dump(mode="json"),
+            "samples": len(lengths),
+            "mean_accuracy": _interval(v["accuracy"], indices, confidence),
+            "maj": {str(n): _interval(v[f"maj@{n}"], indices, confidence) for n in ns},
+            "pass": {str(n): _interval(v[f"pass@{n}"], indices, confidence) for n in ns},
+            "worst": {str(n): _interval(v[f"worst@{n}"], indices, confidence) for n in ns},
+            "distinct_classes": _interval(v["classes"], indices, confidence),
+            "response_tokens": _interval(v["tokens"], indices, confidence),
+            "finish_reasons": dict(finish),
+            "extraction": dict(methods),
+            "token_shares": token_shares(schedule.resolved, lengths),
+            "anneal_end_token": anneal_end(schedule.resolved),
+            "vs_baseline": None,
+        }
+        entries.append(entry)
+
+    base = schedules[0].label
+    for entry in entries[1:]:
+        own, ref = values[entry["label"]], values[base]
+        diff = {key: np.subtract(own[key], ref[key]) for key in own}
+        entry["vs_baseline"] = {
+            "baseline": base,
+            "mean_accuracy": _interval(diff["accuracy"], indices, confidence),
+            "maj": {str(n): _interval(diff[f"maj@{n}"], indices, confidence) for n in ns},
+            "pass": {str(n): _interval(diff[f"pass@{n}"], indices, confidence) for n in ns},
+        }
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": dict(config),
+        "settings": {
+            "ns": list(ns),
+            "bootstrap": {"resamples": resamples, "confidence": confidence, "seed": seed, "unit": "problem"},
+            "maj_max_subsets": maj_subsets,
+        },
+        "n_problems": len(problem_ids),
+        "grading": dict(grading or {}),
+        "schedules": entries,
+        "per_problem": per_problem,
+    }
