@@ -1,0 +1,84 @@
+"""The processor's per-row bookkeeping under every kind of ``BatchUpdate``.
+
+An engine run exercises adds, removes and condensing moves only in the orders its
+scheduler happens to produce; this drives vLLM's real ``BatchUpdate`` through random
+sequences of adds, removes, one-way moves and swaps (as vLLM's own logits-processor
+tests do), checking after every step that each row is scaled by the temperature of the
+request that occupies it, at that request's own position.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+from ead_server.schedule import parse_schedule
+from ead_server.vllm_adapter import EADLogitsProcessor
+
+MAX_ROWS = 16
+VOCAB = 7
+SCHEDULES = [None, {"type": "ead", "warmup": 1, "decay": 3}, {"type": "reverse", "warmup": 2, "decay": 2},
+             {"type": "constant", "tau": 0.5}, {"preset": "released-code", "decay": 0.2}]
+
+
+def _processor() -> EADLogitsProcessor:
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=MAX_ROWS))
+    return EADLogitsProcessor(config, torch.device("cpu"), is_pin_memory=False)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rows_follow_their_requests_through_random_batch_updates(seed):
+    rng = random.Random(seed)
+    proc = _processor()
+    rows: dict[int, tuple[dict | None, float, list[int]]] = {}  # row -> (schedule, temperature, outputs)
+    for _ in range(60):
+        removed, added, moved = [], [], []
+        for row in [r for r in rows if rng.random() < 0.2]:
+            removed.append(row)
+            del rows[row]
+        free = [r for r in range(MAX_ROWS) if r not in rows]
+        for row in rng.sample(free, k=min(len(free), rng.randint(0, 3))):
+            schedule = rng.choice(SCHEDULES)
+            temperature = 0.0 if rng.random() < 0.15 else 1.0  # greedy rows ignore a schedule
+            outputs = [0] * rng.randint(0, 30)  # a preempted request comes back with its tokens
+            params = SamplingParams(temperature=temperature, extra_args={"temperature_schedule": schedule}
+                                    if schedule else None)
+            added.append((row, params, [1, 2], outputs))
+            rows[row] = (schedule, temperature, outputs)
+        for _ in range(rng.randint(0, 3)):
+            a, b = rng.randrange(MAX_ROWS), rng.randrange(MAX_ROWS)
+            if a == b or a not in rows:
+                continue
+            if b in rows and rng.random() < 0.5:
+                moved.append((a, b, MoveDirectionality.SWAP))
+                rows[a], rows[b] = rows[b], rows[a]
+            elif b not in rows:
+                moved.append((a, b, MoveDirectionality.UNIDIRECTIONAL))
+                rows[b] = rows.pop(a)
+        size = max(rows, default=-1) + 1
+        proc.update_state(BatchUpdate(batch_size=size, removed=removed, added=added, moved=moved))
+        for _, _, outputs in rows.values():  # the step's sampled tokens arrive in the live lists
+            outputs.extend([0] * rng.randint(0, 2))
+        logits = torch.randn(size, VOCAB)
+        expected = logits.clone()
+        for row, (schedule, temperature, outputs) in rows.items():
+            if schedule and temperature > 0:
+                expected[row] /= torch.tensor(parse_schedule(schedule).temperature(len(outputs)), dtype=torch.float32)
+        torch.testing.assert_close(proc.apply(logits), expected, atol=0, rtol=0)
+
+
+def test_a_second_instance_for_the_same_engine_is_inert():
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4))
+    first = EADLogitsProcessor(config, torch.device("cpu"), False)
+    second = EADLogitsProcessor(config, torch.device("cpu"), False)
+    params = SamplingParams(temperature=1.0, extra_args={"temperature_schedule": {"type": "constant", "tau": 0.5}})
+    update = BatchUpdate(batch_size=1, removed=[], added=[(0, params, [1], [])], moved=[])
+    for proc in (first, second):
+        proc.update_state(update)
+    logits = torch.ones(1, VOCAB)
+    assert torch.equal(second.apply(first.apply(logits)), torch.full((1, VOCAB), 2.0))
