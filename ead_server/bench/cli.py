@@ -25,11 +25,13 @@ import openai
 from tqdm.auto import tqdm
 
 from ead_server.bench.config import (
-    RESUME_KEYS,
+    LOCAL_KEYS,
     BenchSchedule,
     ConfigMismatch,
-    check_or_write_config,
+    check_config,
     parse_schedule_arg,
+    read_config,
+    write_config,
 )
 from ead_server.bench.datasets import (
     BUILTIN_DIFFICULTIES,
@@ -42,6 +44,7 @@ from ead_server.bench.datasets import (
     load_jsonl,
 )
 from ead_server.bench.generate import GenerationError, detect_api, generate, plan_jobs, resolve_model
+from ead_server.bench import overhead
 from ead_server.bench.grading import GradeCache, GradingPool, extract_answer, grade_pools
 from ead_server.bench.report import write_report
 from ead_server.bench.server import ServerError, embedded_server
@@ -67,6 +70,7 @@ def _ns(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ead-bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    overhead.add_arguments(sub.add_parser("overhead", help="tokens/s with and without a schedule, side by side"))
     p = sub.add_parser("majority", help="Maj@N, Pass@k and Worst@k of temperature schedules",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     srv = p.add_argument_group("server")
@@ -159,41 +163,37 @@ def _server(args: argparse.Namespace) -> Iterator[str]:
         yield url
 
 
-def _stored_config(out: Path) -> dict[str, Any] | None:
-    path = out / "config.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def _needs_server(args: argparse.Namespace, stored: dict[str, Any] | None, store: SampleStore,
+                  problems: list[Problem], schedules: list[BenchSchedule]) -> bool:
+    """False when every sample is already stored, so the run only grades and reports.
 
-
-def _complete_without_server(args: argparse.Namespace, stored: dict[str, Any] | None, config: dict[str, Any],
-                             store: SampleStore, problems: list[Problem], schedules: list[BenchSchedule]) -> bool:
-    """True when every sample is stored under the same settings, so no server is needed.
-
-    The model and API are only known from the server; here they count as the same when
-    the command does not name them, or names the stored ones.
+    The stored run matches the settings known locally (checked before); the model and API
+    count as the same when the command does not name them, or names the stored ones.
     """
-    if stored is None:
-        return False
-    if any(store.missing(p.id, s.label, args.n_max) for p in problems for s in schedules):
-        return False
-    same = all(stored.get(k) == config.get(k) for k in RESUME_KEYS if k not in ("model", "api"))
+    if stored is None or any(store.missing(p.id, s.label, args.n_max) for p in problems for s in schedules):
+        return True
     model_ok = args.model is None or args.model in (stored.get("model"), stored.get("model_arg"))
     api_ok = args.api == "auto" or args.api == stored.get("api")
-    return same and model_ok and api_ok
+    return not (model_ok and api_ok)
 
 
-async def _sample(args: argparse.Namespace, url: str, config: dict[str, Any], problems: list[Problem],
-                  schedules: list[BenchSchedule], store: SampleStore) -> dict[str, Any]:
+async def _sample(args: argparse.Namespace, url: str, config: dict[str, Any], stored: dict[str, Any] | None,
+                  problems: list[Problem], schedules: list[BenchSchedule], store: SampleStore) -> dict[str, Any]:
     client = openai.AsyncOpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
                                 timeout=args.request_timeout, max_retries=3)
     try:
-        # The embedded server is asked for its model's name; --model was its path.
-        model = await resolve_model(client, args.model if args.base_url else None)
-        api = args.api if args.api != "auto" else await detect_api(client, model)
+        try:
+            # The embedded server is asked for its model's name; --model was its path.
+            model = await resolve_model(client, args.model if args.base_url else None)
+            api = args.api if args.api != "auto" else await detect_api(client, model)
+        except openai.APIError as exc:
+            raise GenerationError(f"the server at {url} cannot be used: {exc}") from exc
         config = {**config, "model": model, "api": api, "base_url": url}
-        resuming = check_or_write_config(args.out / "config.json", config)
+        check_config(args.out / "config.json", stored, config)
+        write_config(args.out / "config.json", config)
         jobs = plan_jobs(problems, schedules, store, args.n_max)
         todo = sum(len(j.indices) for j in jobs)
-        print(f"ead-bench: {'resuming; ' if resuming else ''}{len(store)} samples stored, {todo} to generate "
+        print(f"ead-bench: {'resuming; ' if stored else ''}{len(store)} samples stored, {todo} to generate "
               f"({model} via /v1/{'chat/completions' if api == 'chat' else 'completions'})", file=sys.stderr)
         await generate(client, api=api, model=model, jobs=jobs, store=store, max_tokens=args.max_tokens,
                        seed=args.seed, concurrency=args.concurrency, progress=not args.no_progress)
@@ -210,9 +210,9 @@ def _grade_and_report(args: argparse.Namespace, config: dict[str, Any], problems
     bar = tqdm(desc="grading", unit="check", disable=args.no_progress, dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        if bar.total != total:  # a new phase: answers against golds, then against each other
+            bar.reset(total=total)
+        bar.update(done - bar.n)  # tqdm limits how often it redraws
 
     cache = GradeCache(args.out / "grades.jsonl", args.grading_timeout)
     try:
@@ -249,14 +249,16 @@ def majority(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens, "seed": args.seed, "prompt_template": PROMPT_TEMPLATE, "n_max": args.n_max,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stored = _stored_config(args.out)
+    stored = read_config(args.out / "config.json")
+    # Before a server starts (a minute on a CPU): the settings that need no server.
+    check_config(args.out / "config.json", stored, config, LOCAL_KEYS)
     with SampleStore(args.out / "samples.jsonl") as store:
-        if _complete_without_server(args, stored, config, store, problems, schedules):
+        if _needs_server(args, stored, store, problems, schedules):
+            with _server(args) as url:
+                config = asyncio.run(_sample(args, url, config, stored, problems, schedules, store))
+        else:
             config = {**stored, "n_max": args.n_max}  # type: ignore[dict-item]
             print("ead-bench: every sample is stored; grading only", file=sys.stderr)
-        else:
-            with _server(args) as url:
-                config = asyncio.run(_sample(args, url, config, problems, schedules, store))
         report = _grade_and_report(args, config, problems, schedules, store)
     print(report.read_text())
     print(f"ead-bench: results in {args.out}", file=sys.stderr)
@@ -272,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.command == "overhead":
+        return overhead.run(args)
     try:
         return majority(parser, args)
     except KeyboardInterrupt:

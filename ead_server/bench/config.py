@@ -18,12 +18,15 @@ from typing import Any
 from ead_server.schedule import ResolvedSchedule, ScheduleError, parse_schedule
 
 __all__ = [
+    "LOCAL_KEYS",
+    "RESUME_KEYS",
     "BenchSchedule",
     "ConfigMismatch",
-    "RESUME_KEYS",
-    "check_or_write_config",
+    "check_config",
     "parse_schedule_arg",
+    "read_config",
     "request_seed",
+    "write_config",
 ]
 
 
@@ -86,32 +89,36 @@ def request_seed(seed: int, problem_id: str, label: str, first_index: int) -> in
 
 # The settings that samples depend on: a resumed run must agree on all of them.
 RESUME_KEYS = ("model", "api", "dataset", "problems", "schedules", "max_tokens", "seed", "prompt_template")
+# The ones known before a server answers: the model name and the API come from the server.
+LOCAL_KEYS = tuple(k for k in RESUME_KEYS if k not in ("model", "api"))
 
 
 class ConfigMismatch(RuntimeError):
     """``--out`` holds a run whose samples came from other settings."""
 
 
-def check_or_write_config(path: Path, config: dict[str, Any]) -> bool:
-    """Write ``config`` to ``path``, or check that the run already there matches it.
+def check_config(path: Path, stored: dict[str, Any] | None, config: dict[str, Any],
+                 keys: tuple[str, ...] = RESUME_KEYS) -> None:
+    """Raise :class:`ConfigMismatch`, listing the differences, when the run stored at
+    ``path`` differs from ``config`` in ``keys``. Settings outside :data:`RESUME_KEYS`
+    (pool size, N values, concurrency, evaluation options) may change between runs."""
+    diffs = [k for k in keys if stored is not None and stored.get(k) != config.get(k)]
+    if diffs:
+        lines = "\n".join(
+            f"  {k}: stored {json.dumps(stored.get(k))[:200]} != now {json.dumps(config.get(k))[:200]}"  # type: ignore[union-attr]
+            for k in diffs
+        )
+        raise ConfigMismatch(
+            f"{path.parent} holds a run with other settings, so it cannot be resumed:\n{lines}\n"
+            "Use another --out directory, or the stored settings."
+        )
 
-    Returns True when resuming. Settings outside :data:`RESUME_KEYS` (pool size, N values,
-    concurrency, grading timeout) may change between runs; the file is rewritten with the
-    new ones.
-    """
-    resuming = path.exists()
-    if resuming:
-        old = json.loads(path.read_text())
-        diffs = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
-        if diffs:
-            lines = "\n".join(
-                f"  {k}: stored {json.dumps(old.get(k))[:200]} != now {json.dumps(config.get(k))[:200]}" for k in diffs
-            )
-            raise ConfigMismatch(
-                f"{path.parent} holds a run with other settings, so it cannot be resumed:\n{lines}\n"
-                "Use another --out directory, or the stored settings."
-            )
+
+def read_config(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
-    return resuming

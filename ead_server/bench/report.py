@@ -121,19 +121,22 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(results: dict[str, Any], path: Path, series: list[tuple[str, str, str]], ylabel: str, title: str) -> None:
+def _plot(results: dict[str, Any], path: Path, series: list[tuple[str, str]], xlabel: str, ylabel: str,
+          title: str) -> None:
+    """One color per schedule; ``series`` are (metric key, line style), the first one labelled."""
     ns = results["settings"]["ns"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, s in enumerate(results["schedules"]):
         color = colors[i % len(colors)]
-        for key, style, suffix in series:
+        for j, (key, style) in enumerate(series):
             stats = [s[key][str(n)] for n in ns]
-            ax.plot(ns, [x["mean"] for x in stats], style, color=color, marker="o", label=s["label"] + suffix)
+            ax.plot(ns, [x["mean"] for x in stats], style, color=color, marker="o",
+                    label=s["label"] if j == 0 else None)
             ax.fill_between(ns, [x["ci_low"] for x in stats], [x["ci_high"] for x in stats], color=color, alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
-    ax.set_xlabel("N (samples)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -151,7 +154,7 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     tmp.replace(paths[0])
     paths[1].write_text(markdown(results) + "\n")
     name = results["config"].get("model")
-    _plot(results, paths[2], [("maj", "-", "")], "Maj@N", f"Majority vote, {name}")
-    _plot(results, paths[3], [("pass", "-", " pass@k"), ("worst", "--", " worst@k")], "Pass@k / Worst@k",
+    _plot(results, paths[2], [("maj", "-")], "N (samples voting)", "Maj@N", f"Majority vote, {name}")
+    _plot(results, paths[3], [("pass", "-"), ("worst", "--")], "k (samples)", "Pass@k / Worst@k",
           f"Pass@k (solid) and Worst@k (dashed), {name}")
     return paths

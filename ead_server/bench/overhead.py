@@ -1,0 +1,69 @@
+"""``ead-bench overhead``: what a schedule costs end to end, measured side by side.
+
+Machines here are noisy and absolute throughput drifts, so the two variants run in
+alternating rounds against the same server (the order flips every round) and the
+report is the ratio of their median throughputs. Both variants sample at temperature 1
+with no truncation and ``ignore_eos``, so they generate the same number of tokens and
+differ only in the schedule the processor applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+from openai import AsyncOpenAI
+
+VARIANTS = {
+    "temperature 1.0": {},
+    "ead (paper)": {"temperature_schedule": {"preset": "paper"}},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", required=True, help="OpenAI-style base URL ending in /v1")
+    parser.add_argument("--model", default=None, help="served model name (default: the server's first)")
+    parser.add_argument("--requests", type=int, default=16, help="concurrent requests per round")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=4)
+
+
+async def _round(client: AsyncOpenAI, model: str, extra: dict, args: argparse.Namespace) -> float:
+    """Generated tokens per second of one round of concurrent requests."""
+    start = time.perf_counter()
+    replies = await asyncio.gather(*(
+        client.completions.create(
+            model=model, prompt=f"Write a long story about the number {i}.", max_tokens=args.max_tokens,
+            temperature=1.0, top_p=1.0, seed=i,
+            extra_body={"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "ignore_eos": True, **extra},
+        )
+        for i in range(args.requests)
+    ))
+    elapsed = time.perf_counter() - start
+    return sum(r.usage.completion_tokens for r in replies) / elapsed
+
+
+async def _measure(args: argparse.Namespace) -> dict[str, list[float]]:
+    client = AsyncOpenAI(base_url=args.base_url, api_key="unused", max_retries=0)
+    model = args.model or (await client.models.list()).data[0].id
+    await _round(client, model, {}, argparse.Namespace(**{**vars(args), "requests": 2, "max_tokens": 8}))  # warm-up
+    results: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for r in range(args.rounds):
+        names = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+        for name in names:
+            results[name].append(await _round(client, model, VARIANTS[name], args))
+            print(f"round {r + 1}/{args.rounds} {name:>16}: {results[name][-1]:8.1f} tokens/s", flush=True)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    results = asyncio.run(_measure(args))
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    base, ead = medians.values()
+    print(f"\n{args.requests} concurrent requests x {args.max_tokens} tokens, median of {args.rounds} rounds")
+    for name, value in medians.items():
+        print(f"  {name:>16}: {value:8.1f} tokens/s")
+    print(f"  ratio ead / temperature 1.0: {ead / base:.3f}")
+    return 0
