@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from ead_server import protocol
 from ead_server.schedule import ResolvedSchedule
 
 from ._arrays import pad_ragged
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["Rollout", "RolloutBatch"]
 
 
-class Rollout(BaseModel):
+class Rollout(protocol.Rollout):
     """One sampled completion, as the server returns it.
 
     ``behavior_logprobs[j]`` is the log-probability of ``token_ids[j]`` under the
@@ -27,19 +28,10 @@ class Rollout(BaseModel):
     ``prompt_index`` indexes the caller's prompt list, ``sample_index`` runs over ``n``.
     """
 
+    # The fields are the server's (ead_server.protocol.Rollout, the wire contract).
     # Unknown fields are ignored so that a newer server can add fields without breaking
     # older clients; missing or mistyped ones fail loudly.
     model_config = ConfigDict(extra="ignore", frozen=True)
-
-    prompt_index: int
-    sample_index: int
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    behavior_logprobs: list[float]
-    temperatures: list[float]
-    target_logprobs: list[float] | None = None
 
     @model_validator(mode="after")
     def _aligned(self) -> Rollout:

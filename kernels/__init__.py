@@ -4,38 +4,7 @@ Importing this package needs torch only; Triton is imported when the Triton path
 first used (see :mod:`ead_kernels.temperature`).
 """
 
-from .temperature import (
-    KIND_CONSTANT,
-    KIND_EAD,
-    KIND_NONE,
-    KIND_REVERSE,
-    NUM_PARAMS,
-    P_SCALE,
-    P_TAU,
-    P_TAU_MAX,
-    P_TAU_MIN,
-    P_WARMUP,
-    apply_schedule_,
-    apply_schedule_torch_,
-    apply_schedule_triton_,
-    schedule_temperatures,
-    triton_available,
-)
+from . import temperature
+from .temperature import *  # noqa: F403 - the public API is temperature.__all__
 
-__all__ = [
-    "KIND_CONSTANT",
-    "KIND_EAD",
-    "KIND_NONE",
-    "KIND_REVERSE",
-    "NUM_PARAMS",
-    "P_SCALE",
-    "P_TAU",
-    "P_TAU_MAX",
-    "P_TAU_MIN",
-    "P_WARMUP",
-    "apply_schedule_",
-    "apply_schedule_torch_",
-    "apply_schedule_triton_",
-    "schedule_temperatures",
-    "triton_available",
-]
+__all__ = temperature.__all__

@@ -52,12 +52,12 @@ def running_server(log_dir: Path, *args: str, timeout: float = 600) -> Iterator[
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"server not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
+                raise TimeoutError(f"server not healthy after {timeout} s:\n{log.read_text(errors='replace')[-4000:]}")
             time.sleep(1)
         yield server
     finally:

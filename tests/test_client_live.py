@@ -26,7 +26,7 @@ def test_client_survives_one_of_two_servers_dying_mid_batch(server, doomed):
 
     def kill_after_first_answer() -> None:
         while not stop.wait(0.05):
-            if "POST /v1/rollouts" in doomed.log.read_text():
+            if b"POST /v1/rollouts" in doomed.log.read_bytes():  # an answered request
                 doomed.kill()
                 return
 

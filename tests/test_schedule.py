@@ -1,0 +1,155 @@
+"""The schedule module: values worked out by hand, properties, presets and validation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ead_server.schedule import (
+    PRESETS,
+    ScheduleError,
+    TemperatureSchedule,
+    effective_decay,
+    parse_schedule,
+)
+
+# (spec, t, temperature), each worked out from SPEC section 1 by hand.
+TABLE = [
+    ({"type": "ead"}, 0, 1.0),  # warm-up: c = 10
+    ({"type": "ead"}, 9, 1.0),
+    ({"type": "ead"}, 10, 1 + 1.2 - math.exp(10 / 25)),  # 0.708175...
+    ({"type": "ead"}, 18, 1 + 1.2 - math.exp(18 / 25)),  # 0.145563...
+    ({"type": "ead"}, 19, 0.1),  # exp(0.76) = 2.138 > 2.1: clamped to tau_min
+    ({"type": "ead", "warmup": 0}, 0, 1.2),  # starts at tau_max: exp(0) = 1
+    ({"preset": "released-code"}, 10, 1 + 1.2 - math.exp(10 / 500)),  # k = 20: 1.179798...
+    ({"preset": "released-code"}, 370, 1 + 1.2 - math.exp(370 / 500)),  # 0.104...
+    ({"preset": "released-code"}, 372, 0.1),
+    ({"type": "reverse"}, 5, 1.0),
+    ({"type": "reverse"}, 10, 1.2),  # 0.1 + exp(0.4) = 1.5918 > 1.2: clamped
+    ({"type": "reverse", "tau_max": 3.0}, 10, 0.1 + math.exp(0.4)),
+    ({"type": "constant", "tau": 0.7}, 0, 0.7),
+    ({"type": "constant", "tau": 0.7}, 5000, 0.7),
+    ({"type": "ead", "decay": 10}, 20, 0.1),  # 2.2 - exp(2) < 0.1
+    ({"type": "ead", "decay_schedule": {"step": 3}}, 12, 2.2 - math.exp(12 / 40)),  # d = 25 + 5 * 3
+    ({"type": "ead", "decay_schedule": {"step": 10**6}}, 12, 2.2 - math.exp(12 / 40000)),  # d = d_max
+    ({"type": "ead"}, 10**9, 0.1),  # exp overflows: still tau_min
+    ({"type": "reverse"}, 10**9, 1.2),
+]
+
+
+@pytest.mark.parametrize(("spec", "t", "want"), TABLE)
+def test_hand_computed_values(spec, t, want):
+    assert parse_schedule(spec).temperature(t) == pytest.approx(want, rel=1e-12)
+
+
+def test_presets_and_resolution():
+    assert PRESETS["paper"]["time_scale"] == 1.0 and PRESETS["released-code"]["time_scale"] == 20.0
+    paper = parse_schedule({"preset": "paper"})
+    assert parse_schedule({"type": "ead"}).model_dump() == {**paper.model_dump(), "preset": None}
+    assert paper.model_dump() == {
+        "type": "ead", "preset": "paper", "tau_max": 1.2, "tau_min": 0.1, "tau": 1.0, "warmup": 10,
+        "time_scale": 1.0, "decay": 25.0, "decay_schedule": {"d0": 25.0, "alpha": 5.0, "d_max": 40000.0, "step": 0},
+    }
+    fixed = parse_schedule({"preset": "released-code", "decay": 3, "tau_min": 0.8})
+    assert (fixed.decay, fixed.decay_schedule, fixed.time_scale, fixed.tau_min) == (3.0, None, 20.0, 0.8)
+    stepped = parse_schedule({"decay_schedule": {"d0": 10, "alpha": 2, "step": 7}})
+    assert stepped.decay == 24.0 and stepped.decay_schedule.d_max == 40000.0
+    # The request form of a resolved schedule resolves to itself (the engine receives it).
+    for spec in ({"preset": "paper"}, {"decay": 3}, {"type": "constant", "tau": 0.5}):
+        resolved = parse_schedule(spec)
+        assert parse_schedule(resolved.as_request()) == resolved
+        assert parse_schedule(json.dumps(resolved.as_request())) == resolved
+
+
+BAD = [
+    ({"tau_max": float("nan")}, "tau_max"),
+    ({"tau_min": float("inf")}, "tau_min"),
+    ({"tau": -1}, "tau"),
+    ({"tau_max": 0}, "tau_max"),
+    ({"tau_min": 1.5, "tau_max": 1.4}, "tau_min"),
+    ({"decay": 0}, "decay"),
+    ({"decay": 1, "decay_schedule": {"step": 1}}, "decay"),
+    ({"decay_schedule": {"d0": -1}}, "decay_schedule.d0"),
+    ({"decay_schedule": {"alpha": -1}}, "decay_schedule.alpha"),
+    ({"decay_schedule": {"step": -2}}, "decay_schedule.step"),
+    ({"decay_schedule": {"d0": 50, "d_max": 30}}, "decay_schedule.d_max"),
+    ({"warmup": -1}, "warmup"),
+    ({"warmup": 1.5}, "warmup"),
+    ({"time_scale": 0}, "time_scale"),
+    ({"type": "linear"}, "type"),
+    ({"preset": "mine"}, "preset"),
+    ({"tau": "1"}, "tau"),
+    ({"tau": True}, "tau"),
+    ({"extra": 1}, "extra"),
+]
+
+
+@pytest.mark.parametrize(("spec", "param"), BAD)
+def test_invalid_values_name_the_field(spec, param):
+    with pytest.raises(ScheduleError) as err:
+        parse_schedule(spec)
+    assert err.value.param == param and err.value.message
+
+
+def test_invalid_containers():
+    for value in ("{oops", "[1, 2]", 3):
+        with pytest.raises(ScheduleError):
+            parse_schedule(value)
+
+
+finite = st.floats(min_value=0.05, max_value=5.0)
+schedules = st.builds(
+    lambda kind, a, b, c, k, d: TemperatureSchedule(
+        type=kind, tau_max=max(a, b), tau_min=min(a, b), warmup=c, time_scale=k, decay=d
+    ),
+    st.sampled_from(["ead", "reverse"]), finite, finite, st.integers(0, 50), st.sampled_from([1.0, 20.0]),
+    st.floats(min_value=0.1, max_value=1000.0),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schedules, st.integers(0, 5000))
+def test_bounds_and_warmup(spec, t):
+    s = spec.resolve()
+    temp = s.temperature(t)
+    if t < s.warmup:
+        assert temp == 1.0
+    else:
+        # (1 + tau_max) - exp(0) rounds to within one ulp of 1 of tau_max, as in the
+        # released code; the kernel computes it in the same order.
+        assert s.tau_min <= temp <= s.tau_max + 2.3e-16
+
+
+@settings(max_examples=300, deadline=None)
+@given(schedules, st.integers(0, 3000), st.integers(1, 500))
+def test_monotone_after_warmup(spec, t, dt):
+    s = spec.resolve()
+    t = max(t, s.warmup)
+    before, after = s.temperature(t), s.temperature(t + dt)
+    assert after <= before if s.type == "ead" else after >= before
+
+
+@settings(max_examples=200, deadline=None)
+@given(finite, finite, st.floats(min_value=0.5, max_value=100.0), st.integers(0, 2000))
+def test_time_scale_k_stretches_time(a, b, d, t):
+    """k = 20 at step 20 t gives what k = 1 gives at t: released code = paper, 20x slower."""
+    spec = {"type": "ead", "tau_max": max(a, b), "tau_min": min(a, b), "warmup": 0, "decay": d}
+    paper = parse_schedule({**spec, "time_scale": 1})
+    released = parse_schedule({**spec, "time_scale": 20})
+    assert released.temperature(20 * t) == pytest.approx(paper.temperature(t), rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0.1, 100.0), st.floats(0.0, 50.0), st.floats(0.1, 1e5), st.integers(0, 10**6))
+def test_step_aware_decay(d0, alpha, d_max, step):
+    d_max = max(d_max, d0)
+    d = effective_decay(d0, alpha, d_max, step)
+    assert d0 <= d <= d_max
+    assert d == min(d0 + alpha * step, d_max)
+    assert effective_decay(d0, alpha, d_max, step + 1) >= d
+    resolved = parse_schedule({"decay_schedule": {"d0": d0, "alpha": alpha, "d_max": d_max, "step": step}})
+    assert resolved.decay == d
