@@ -46,7 +46,9 @@ def running_server(log_dir: Path, *args: str, timeout: float = 600) -> Iterator[
     log = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "ead_server.cli", "serve", "--port", str(port), *args]
     with log.open("wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # Unbuffered, so that the log shows each answered request as it happens.
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:
         deadline = time.monotonic() + timeout
