@@ -17,7 +17,16 @@ from ead_server.bench.config import (
     request_seed,
     write_config,
 )
-from ead_server.bench.datasets import DatasetError, builtin_problems, load_jsonl
+from ead_server.bench.datasets import (
+    ONE_SHOT_EXAMPLE,
+    DatasetError,
+    builtin_problems,
+    format_prompt,
+    load_jsonl,
+    prompt_messages,
+    prompt_text,
+)
+from ead_server.bench.grading import extract_answer
 from ead_server.bench.store import SampleStore, StoreError
 from ead_server.schedule import ScheduleError
 
@@ -89,6 +98,31 @@ def test_cli_refuses_a_mismatching_run_before_asking_the_server(
     write_config(tmp_path / "config.json", {"max_tokens": 8})
     assert main([*common, "--max-tokens", "16"]) == 1
     assert "cannot be resumed" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_resume_a_run_with_another_prompt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A run stored with the one-shot example cannot be resumed without it (and vice versa).
+    common = ["majority", "--out", str(tmp_path), "--problems", "2", "--base-url", "http://127.0.0.1:9/v1"]
+    write_config(tmp_path / "config.json", {"prompt_example": ONE_SHOT_EXAMPLE})
+    assert main([*common, "--no-one-shot"]) == 1
+    assert "prompt_example" in capsys.readouterr().err
+
+
+def test_prompt_shows_one_solved_example_in_the_graded_format() -> None:
+    question = "What is 4 + 4?"
+    chat = prompt_messages(question)
+    assert [m["role"] for m in chat] == ["user", "assistant", "user"]
+    assert chat[0]["content"] == format_prompt(ONE_SHOT_EXAMPLE["question"])
+    assert chat[-1]["content"] == format_prompt(question)
+    assert "step by step" in chat[-1]["content"] and "\\boxed{}" in chat[-1]["content"]
+    # The example's answer is what the grader reads, and it is right.
+    found = extract_answer(chat[1]["content"])
+    assert (found.answer, found.method) == ("5", "boxed")
+    assert prompt_messages(question, one_shot=False) == [{"role": "user", "content": format_prompt(question)}]
+    text = prompt_text(question)
+    assert text.startswith(format_prompt(ONE_SHOT_EXAMPLE["question"])) and text.endswith(format_prompt(question) + "\n")
+    assert ONE_SHOT_EXAMPLE["answer"] in text
+    assert prompt_text(question, one_shot=False) == format_prompt(question) + "\n"
 
 
 def test_request_seeds_differ_per_pool_and_first_index() -> None:

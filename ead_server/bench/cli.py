@@ -36,6 +36,7 @@ from ead_server.bench.config import (
 from ead_server.bench.datasets import (
     BUILTIN_DIFFICULTIES,
     DEFAULT_DIFFICULTY,
+    ONE_SHOT_EXAMPLE,
     PROMPT_TEMPLATE,
     DatasetError,
     Problem,
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "server lists); without: the model path the embedded server loads")
     srv.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                      help="repeatable; passed on to the embedded 'ead-server serve' (e.g. "
-                          "--server-arg=--max-num-batched-tokens=16384)")
+                          "--server-arg=--max-model-len=4096)")
     srv.add_argument("--api", choices=["auto", "chat", "completions"], default="auto",
                      help="auto: chat when the server has a chat template for the model")
     srv.add_argument("--concurrency", type=int, default=8, help="requests in flight")
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-max", type=int, default=8, help="samples per problem and schedule (the pool)")
     run.add_argument("--ns", type=_ns, default=[1, 2, 4, 8], help="N values for Maj@N, Pass@k, Worst@k")
     run.add_argument("--max-tokens", type=int, default=256)
+    run.add_argument("--no-one-shot", dest="one_shot", action="store_false",
+                     help="ask the question alone, without the solved example (What is 2 + 3? ... \\boxed{5}) "
+                          "shown before it (one-shot example used: %(default)s)")
     run.add_argument("--seed", type=int, default=0)
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--grading-timeout", type=float, default=5.0, help="seconds per math-verify check")
@@ -196,7 +200,8 @@ async def _sample(args: argparse.Namespace, url: str, config: dict[str, Any], st
         print(f"ead-bench: {'resuming; ' if stored else ''}{len(store)} samples stored, {todo} to generate "
               f"({model} via /v1/{'chat/completions' if api == 'chat' else 'completions'})", file=sys.stderr)
         await generate(client, api=api, model=model, jobs=jobs, store=store, max_tokens=args.max_tokens,
-                       seed=args.seed, concurrency=args.concurrency, progress=not args.no_progress)
+                       seed=args.seed, concurrency=args.concurrency, progress=not args.no_progress,
+                       one_shot=args.one_shot)
     finally:
         await client.close()
     return config
@@ -246,7 +251,8 @@ def majority(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "model": None, "model_arg": args.model, "api": None,
         "dataset": dataset, "problems": [p.id for p in problems],
         "schedules": [{"label": s.label, "spec": s.spec} for s in schedules],
-        "max_tokens": args.max_tokens, "seed": args.seed, "prompt_template": PROMPT_TEMPLATE, "n_max": args.n_max,
+        "max_tokens": args.max_tokens, "seed": args.seed, "prompt_template": PROMPT_TEMPLATE,
+        "prompt_example": ONE_SHOT_EXAMPLE if args.one_shot else None, "n_max": args.n_max,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stored = read_config(args.out / "config.json")

@@ -88,7 +88,8 @@ def request_seed(seed: int, problem_id: str, label: str, first_index: int) -> in
 
 
 # The settings that samples depend on: a resumed run must agree on all of them.
-RESUME_KEYS = ("model", "api", "dataset", "problems", "schedules", "max_tokens", "seed", "prompt_template")
+RESUME_KEYS = ("model", "api", "dataset", "problems", "schedules", "max_tokens", "seed", "prompt_template",
+               "prompt_example")
 # The ones known before a server answers: the model name and the API come from the server.
 LOCAL_KEYS = tuple(k for k in RESUME_KEYS if k not in ("model", "api"))
 

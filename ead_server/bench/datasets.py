@@ -20,16 +20,29 @@ __all__ = [
     "BUILTIN_DIFFICULTIES",
     "DEFAULT_DIFFICULTY",
     "PROMPT_TEMPLATE",
+    "ONE_SHOT_EXAMPLE",
     "DatasetError",
     "Problem",
     "builtin_problems",
     "dataset_fingerprint",
     "format_prompt",
+    "prompt_messages",
+    "prompt_text",
     "load_jsonl",
 ]
 
 # The instruction of the Qwen2.5-Math evaluations: reason, then box the final answer.
 PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+
+
+# The one-shot example put before the question (on by default, --no-one-shot drops it): a
+# solved problem in the exact format the grader reads first, ``... \boxed{5}``. Without it
+# SmolLM2-135M-Instruct boxed 6 of 720 answers and rambled; with it, 93% at temperature 0.6
+# (docs/benchmark.md).
+ONE_SHOT_EXAMPLE = {
+    "question": "What is 2 + 3?",
+    "answer": "We start with 2 and add 3.\n2 + 3 = 5.\nSo the final answer is \\boxed{5}.",
+}
 
 
 class DatasetError(ValueError):
@@ -45,6 +58,21 @@ class Problem:
 
 def format_prompt(question: str) -> str:
     return PROMPT_TEMPLATE.format(question=question)
+
+
+def prompt_messages(question: str, one_shot: bool = True) -> list[dict[str, str]]:
+    """The chat of one request: the one-shot example as a user / assistant turn, then the question."""
+    example = [
+        {"role": "user", "content": format_prompt(ONE_SHOT_EXAMPLE["question"])},
+        {"role": "assistant", "content": ONE_SHOT_EXAMPLE["answer"]},
+    ] if one_shot else []
+    return [*example, {"role": "user", "content": format_prompt(question)}]
+
+
+def prompt_text(question: str, one_shot: bool = True) -> str:
+    """The plain prompt of ``/v1/completions``: the example's prompt and answer, a blank line, the question."""
+    example = f"{format_prompt(ONE_SHOT_EXAMPLE['question'])}\n{ONE_SHOT_EXAMPLE['answer']}\n\n" if one_shot else ""
+    return f"{example}{format_prompt(question)}\n"
 
 
 def dataset_fingerprint(problems: list[Problem]) -> str:

@@ -27,7 +27,7 @@ import openai
 from tqdm.auto import tqdm
 
 from ead_server.bench.config import BenchSchedule, request_seed
-from ead_server.bench.datasets import Problem, format_prompt
+from ead_server.bench.datasets import Problem, prompt_messages, prompt_text
 from ead_server.bench.store import SampleStore
 
 __all__ = ["GenerationError", "Job", "detect_api", "generate", "plan_jobs", "resolve_model"]
@@ -91,18 +91,18 @@ def _sampling(schedule: BenchSchedule) -> tuple[float, dict[str, Any]]:
     return 1.0, {**NEUTRAL_EXTRA, "temperature_schedule": schedule.spec}
 
 
-async def _request(client: openai.AsyncOpenAI, api: str, model: str, job: Job, max_tokens: int, seed: int) -> Any:
+async def _request(client: openai.AsyncOpenAI, api: str, model: str, job: Job, max_tokens: int, seed: int,
+                   one_shot: bool = True) -> Any:
     temperature, extra = _sampling(job.schedule)
     common = dict(
         model=model, n=len(job.indices), max_tokens=max_tokens, temperature=temperature, top_p=1.0,
         seed=seed, extra_body=extra,
     )
-    prompt = format_prompt(job.problem.question)
     if api == "chat":
         return await client.chat.completions.create(
-            messages=[{"role": "user", "content": prompt}], logprobs=True, top_logprobs=0, **common
+            messages=prompt_messages(job.problem.question, one_shot), logprobs=True, top_logprobs=0, **common
         )
-    return await client.completions.create(prompt=prompt, logprobs=1, **common)
+    return await client.completions.create(prompt=prompt_text(job.problem.question, one_shot), logprobs=1, **common)
 
 
 def _choice_record(api: str, choice: Any) -> dict[str, Any]:
@@ -163,6 +163,7 @@ async def generate(
     seed: int,
     concurrency: int,
     progress: bool = True,
+    one_shot: bool = True,
 ) -> None:
     """Run ``jobs`` with at most ``concurrency`` requests in flight, storing samples as they come."""
     total = sum(len(j.indices) for j in jobs)
@@ -177,7 +178,7 @@ async def generate(
         rseed = request_seed(seed, job.problem.id, job.schedule.label, job.indices[0])
         async with semaphore:
             try:
-                response = await _request(client, api, model, job, max_tokens, rseed)
+                response = await _request(client, api, model, job, max_tokens, rseed, one_shot)
             except openai.APIError as exc:
                 raise GenerationError(f"request for {job.problem.id} / {job.schedule.label} failed: {exc}") from exc
         records = _records(api, job, rseed, response)
