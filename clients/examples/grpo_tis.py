@@ -1,0 +1,492 @@
+#!/usr/bin/env python
+"""A minimal GRPO loop with truncated importance sampling (TIS), using ead-server as the
+rollout backend and plain PyTorch + transformers (float32, CPU) as the trainer.
+
+One step ``k`` (1-based; the trainer's global step is ``k - 1``):
+
+1. ``--prompts-per-step`` single-digit additions (seeded), as chat messages that ask for
+   the answer in ``\\boxed{}``; ``client.rollouts(messages=..., n=G, schedule=...,
+   step=k - 1, seed=..., return_target_logprobs=True)`` samples ``G`` completions each
+   under the EAD temperature schedule, on the weights of version ``v0 + k - 1``.
+2. Rewards: math-verify, ``verify(gold, parse(completion))``: 1.0 or 0.0.
+   Advantages: GRPO's group normalisation ``(r - mean_group) / (std_group + 1e-4)``.
+3. One forward pass of the trainer over prompt + completion, with exactly the token ids
+   the server returns (no re-tokenisation): ``log pi_theta`` of every sampled token at
+   temperature 1, and the entropy of pi_theta. ``old`` = these log-probs detached (one
+   gradient step per batch, so pi_old = pi_theta here). They are compared with the
+   engine's ``target_logprobs`` (the serving weights at temperature 1): the largest
+   difference is logged, and it stays at float32 noise (< 1e-4) only if the server serves
+   exactly the trainer's weights. That checks every reload end to end.
+4. TIS: ``w = tis_weights(behavior_logprobs, old, level=..., mode=..., cap=...)`` corrects
+   for sampling at the schedule's temperatures instead of 1 (SPEC section 3, paper
+   Appendix B). Loss, one AdamW step.
+5. ``model.save_pretrained(weights_root / "step-k")`` (+ tokenizer), then
+   ``client.reload_weights(...)``; every server must report version ``v0 + k``.
+
+Start the server(s) first, from the same folder the trainer loads::
+
+    ead-server serve --model MODEL_DIR --weights-root /tmp/grpo-ckpt --admin-key k
+    python clients/examples/grpo_tis.py --base-url http://127.0.0.1:8000 \\
+        --model-dir MODEL_DIR --weights-root /tmp/grpo-ckpt --admin-key k --steps 4
+
+See README.md beside this file and docs/rollouts.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ead_client import (  # noqa: E402
+    APIError,
+    EADClient,
+    EADError,
+    ScheduleError,
+    TemperatureSchedule,
+    tis_weights,
+)
+
+# The paper's preset (tau_max 1.2, warm-up 10 tokens at T = 1, time scale 1,
+# d = 25 + 5 * step) with tau_min = 0.8, the paper's value for its 7B models, instead of
+# the preset's 0.1. After the warm-up, T = 2.2 - exp(t / d), floored at 0.8; the floor
+# is reached at t = d * ln(1.4) = 0.34 d: at step 0 (d = 25) before the warm-up ends, so
+# 10 tokens at 1.0 then 0.8; at step 4 (d = 45) 0.95 at t = 10 down to 0.8 at t = 15; at
+# step 20 (d = 125) at t = 42. So the schedule acts within a few dozen tokens, and the
+# decay visibly slows as training goes on. A floor of 0.1 would make a small model nearly
+# greedy after the warm-up, and the released-code time scale (k = 20) would keep every
+# token of a short completion above T = 1.
+DEFAULT_SCHEDULE = '{"preset": "paper", "tau_min": 0.8}'
+ADV_EPS = 1e-4  # TRL's epsilon in (r - mean) / (std + eps)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="GRPO + truncated importance sampling on single-digit additions, with ead-server rollouts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--base-url", action="append", default=None,
+                   help="server root, e.g. http://127.0.0.1:8000; repeat for several servers "
+                        "(default http://127.0.0.1:8000)")
+    p.add_argument("--model-dir", type=Path, required=True,
+                   help="the Hugging Face folder the server(s) started from; the trainer loads the same weights")
+    p.add_argument("--weights-root", type=Path, required=True,
+                   help="the folder the server(s) were started with via --weights-root; checkpoints go to "
+                        "WEIGHTS_ROOT/step-K")
+    p.add_argument("--admin-key", default=os.environ.get("EAD_ADMIN_KEY"),
+                   help="the servers' --admin-key (default $EAD_ADMIN_KEY)")
+    p.add_argument("--api-key", default=os.environ.get("EAD_API_KEY"), help="the servers' --api-key, if any")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--group-size", "-n", type=int, default=4, help="samples per prompt (GRPO group size G)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward pass")
+    p.add_argument("--tis-cap", type=float, default=2.0)
+    p.add_argument("--tis-level", choices=["token", "sequence"], default="token")
+    p.add_argument("--tis-mode", choices=["truncate", "mask"], default="truncate")
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
+                   help="temperature_schedule as JSON; its decay_schedule.step is set to the global step. "
+                        'The baseline: \'{"type": "constant", "tau": 1.0}\'')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", type=Path, default=None, help="write one JSON line per step here")
+    p.add_argument("--logprob-tol", type=float, default=1e-2,
+                   help="abort when max |trainer log-prob - engine target log-prob| exceeds this: the server "
+                        "does not serve the trainer's weights (0 disables the check)")
+    p.add_argument("--no-shift", action="store_true",
+                   help="skip the diagnostic forward pass after the update (policy_shift_* are then null)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per rollout request")
+    args = p.parse_args(argv)
+    args.base_url = args.base_url or ["http://127.0.0.1:8000"]
+    for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "micro_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        args.schedule = TemperatureSchedule.model_validate(json.loads(args.schedule))
+        args.schedule.resolve()
+    except (json.JSONDecodeError, ValueError, ScheduleError) as exc:
+        p.error(f"--schedule: {exc}")
+    return args
+
+
+class Fatal(Exception):
+    """An error with a message for the person running the example."""
+
+
+# -- problems and rewards --------------------------------------------------------------
+
+
+def make_problems(rng: random.Random, count: int) -> list[tuple[list[dict[str, str]], str]]:
+    """``count`` single-digit additions: (chat messages, gold answer)."""
+    problems = []
+    for _ in range(count):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        question = f"What is {a} + {b}? Put the final answer in \\boxed{{}}."
+        problems.append(([{"role": "user", "content": question}], str(a + b)))
+    return problems
+
+
+def reward(completion: str, gold: str) -> float:
+    """1.0 if math-verify finds the gold answer in the completion, else 0.0.
+
+    Gold first: ``verify`` is not symmetric. math-verify's timeouts use SIGALRM, which
+    works only in the main thread; this script grades in its main thread.
+    """
+    from math_verify import parse, verify
+
+    try:
+        return 1.0 if verify(parse(f"${gold}$"), parse(completion)) else 0.0
+    except Exception:  # noqa: BLE001 - an unparsable or timed-out answer is just wrong
+        return 0.0
+
+
+def group_advantages(rewards: np.ndarray, n: int) -> np.ndarray:
+    """GRPO: ``(r - group mean) / (group std + eps)``, std unbiased as in TRL; 0 in a
+    group whose rewards are all equal (no signal)."""
+    groups = rewards.reshape(-1, n)
+    mean = groups.mean(axis=1, keepdims=True)
+    std = groups.std(axis=1, ddof=1, keepdims=True) if n > 1 else np.zeros_like(mean)
+    return ((groups - mean) / (std + ADV_EPS)).reshape(-1)
+
+
+# -- the trainer's forward pass --------------------------------------------------------
+
+
+def completion_logprobs(
+    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log pi_theta(y_j)`` at temperature 1 and the entropy of pi_theta at each
+    completion position, both ``[B, L]`` (L = longest completion), plus the mask.
+
+    Right-padded batch of prompt + completion; the logits at position ``P - 1 + j``
+    predict completion token ``j``. Gradients flow through the log-probs.
+    """
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=attention).logits.float()  # [B, T, V]
+
+    length = max(len(c) for c in completions)
+    positions = torch.zeros((len(seqs), length), dtype=torch.long)
+    targets = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        positions[i, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+        targets[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = True
+    picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # [B, L, V]
+    logp_all = picked.log_softmax(-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp * mask, entropy * mask, mask
+
+
+def ragged(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    return [row[m].double().tolist() for row, m in zip(values.detach(), mask)]
+
+
+# -- checkpoints -----------------------------------------------------------------------
+
+
+def save_checkpoint(model: Any, tokenizer: Any, root: Path, step: int) -> Path:
+    """Write ``root/step-K`` (safetensors + config + tokenizer), atomically.
+
+    Written to a hidden sibling folder first and renamed, so a server never sees a half-
+    written checkpoint. transformers 5 always writes safetensors. A tied model is saved
+    without ``lm_head.weight``; the server handles that (checkpoints.stage_tied_head).
+    """
+    final = root / f"step-{step}"
+    partial = root / f".step-{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if final.exists():
+        print(f"  (replacing the existing {final})", flush=True)
+        shutil.rmtree(final)
+    partial.rename(final)
+    return final
+
+
+# -- the loop --------------------------------------------------------------------------
+
+
+def step_arg(schedule: TemperatureSchedule, global_step: int) -> int | None:
+    """The ``step=`` of ``rollouts()``: the global step, unless the schedule fixes ``decay``
+    (the step would have no effect, and the client refuses it)."""
+    return None if schedule.decay is not None else global_step
+
+
+def fmt_seconds(t: dict[str, float]) -> str:
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
+    return f"{t['total']:.1f}s ({parts})"
+
+
+def connect(args: argparse.Namespace) -> tuple[EADClient, int]:
+    try:
+        client = EADClient(args.base_url, api_key=args.api_key, admin_key=args.admin_key, timeout=args.timeout,
+                           max_concurrency=max(8, args.prompts_per_step))
+    except ValueError as exc:  # e.g. the same server twice, or a URL that is not one
+        raise Fatal(f"--base-url: {exc}") from None
+    health = client.health()
+    down = [url for url, ok in health.items() if not ok]
+    if down:
+        client.close()
+        raise Fatal(f"cannot reach the server(s) {', '.join(down)} (GET /health failed). Start one with\n"
+                    f"  ead-server serve --model {args.model_dir} --weights-root {args.weights_root} "
+                    f"--admin-key KEY\nand pass its root URL with --base-url.")
+    versions = client.weight_versions()
+    if len(set(versions.values())) != 1:
+        client.close()
+        raise Fatal(f"the servers serve different weight versions {versions}: restart them from --model-dir")
+    return client, next(iter(versions.values()))
+
+
+def reload(client: EADClient, path: Path, expected: int, args: argparse.Namespace) -> int:
+    try:
+        version = client.reload_weights(str(path))
+    except APIError as exc:
+        # The client raises AuthenticationError for 401 and 403 alike; the server answers
+        # 401 for a wrong admin key, 403 for a path outside its --weights-root or when it
+        # was started without one, and 404 for a folder it cannot see.
+        if exc.status == 401:
+            hint = "\nPass the servers' --admin-key with --admin-key or $EAD_ADMIN_KEY."
+        elif exc.status in (403, 404):
+            hint = (f"\nThe trainer wrote {path}. Every server must have been started with "
+                    f"--weights-root {args.weights_root.resolve()} (the same folder, visible at the same path "
+                    "on every server's machine).")
+        else:
+            hint = ""
+        raise Fatal(f"weight reload of {path} failed: {exc}{hint}") from None
+    if version != expected:
+        raise Fatal(f"after reloading {path} the servers report weight version {version}, expected {expected}: "
+                    "another process reloaded them during this run")
+    return version
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    torch.manual_seed(args.seed)
+    if not (args.model_dir / "config.json").is_file():
+        raise Fatal(f"--model-dir {args.model_dir} is not a Hugging Face model folder (no config.json)")
+    if not args.weights_root.is_dir():
+        raise Fatal(f"--weights-root {args.weights_root} does not exist: give the folder the server was started "
+                    "with (ead-server serve --weights-root DIR)")
+    root = args.weights_root.resolve()
+
+    client, v0 = connect(args)
+    print(f"servers: {', '.join(args.base_url)} (weight version {v0})", flush=True)
+    print(f"schedule: {json.dumps(args.schedule.model_dump(exclude_none=True))}, step-aware decay; "
+          f"TIS {args.tis_level}/{args.tis_mode} cap {args.tis_cap}", flush=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    # Dropout off: the policy trained is exactly the policy the server samples from.
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    rng = random.Random(args.seed)
+    log_file = args.log.open("w") if args.log else None
+    records: list[dict[str, Any]] = []
+    print(f"trainer: {args.model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+          f"float32); {args.steps} steps of {args.prompts_per_step} prompts x {args.group_size} samples, "
+          f"<= {args.max_tokens} tokens", flush=True)
+
+    try:
+        for k in range(1, args.steps + 1):
+            global_step = k - 1
+            times: dict[str, float] = {}
+            t_step = t = time.perf_counter()
+            print(f"[step {k}/{args.steps}] sampling on weight version {v0 + global_step} ...", flush=True)
+
+            # 1. Rollouts. Prompt i of this step is seeded seed_k + i (the client's rule);
+            # seeds of different steps do not overlap.
+            problems = make_problems(rng, args.prompts_per_step)
+            batch = client.rollouts(
+                messages=[m for m, _ in problems], n=args.group_size, max_tokens=args.max_tokens,
+                schedule=args.schedule, step=step_arg(args.schedule, global_step),
+                seed=(args.seed * 1_000_003 + global_step * args.prompts_per_step) % 2**31,
+                return_target_logprobs=True,
+            )
+            times["rollout"] = time.perf_counter() - t
+            if batch.weight_version != v0 + global_step:
+                raise Fatal(f"rollouts came from weight version {batch.weight_version}, expected "
+                            f"{v0 + global_step}: another process reloaded the server")
+
+            # 2. Rewards and group-normalised advantages.
+            t = time.perf_counter()
+            golds = [gold for _, gold in problems for _ in range(args.group_size)]
+            rewards = np.array([reward(r.text, g) for r, g in zip(batch.rollouts, golds)])
+            advantages = group_advantages(rewards, args.group_size)
+            times["reward"] = time.perf_counter() - t
+
+            # 3-4. Trainer forward, TIS weights, policy-gradient loss, one AdamW step.
+            t = time.perf_counter()
+            rollouts = batch.rollouts
+            num_tokens = sum(len(r.token_ids) for r in rollouts)
+            old_rows: list[list[float]] = []
+            entropy_sum = 0.0
+            loss_total = 0.0
+            optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(rollouts), args.micro_batch_size):
+                part = rollouts[start : start + args.micro_batch_size]
+                logp, entropy, mask = completion_logprobs(
+                    model, [r.prompt_token_ids for r in part], [r.token_ids for r in part], pad_id)
+                old = ragged(logp, mask)  # pi_old = pi_theta before this (only) update
+                old_rows += old
+                entropy_sum += float(entropy.sum())
+                # Per-sequence weights: a micro-batch holds whole sequences, so these are
+                # the same weights as over the whole batch (whose stats are taken below).
+                tis = tis_weights([r.behavior_logprobs for r in part], old, level=args.tis_level,
+                                  mode=args.tis_mode, cap=args.tis_cap)
+                w = torch.from_numpy(tis.weights).float()
+                adv = torch.tensor(advantages[start : start + len(part)], dtype=torch.float32).unsqueeze(1)
+                # Token-level policy gradient (DAPO; TRL's loss_type="dapo"): every valid
+                # token of the batch counts once, sum / number of tokens, so long
+                # completions are not down-weighted as in per-sequence means. The TIS
+                # weight w = min(pi_old / pi_b, cap) is a constant; the gradient is
+                # w * A * grad log pi_theta. With one step per batch pi_theta = pi_old,
+                # so PPO's ratio and clipping would be 1 and no-ops: left out.
+                loss = -(w * adv * logp * mask).sum() / num_tokens
+                loss.backward()
+                loss_total += float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf")))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times["train"] = time.perf_counter() - t
+
+            # Whole-batch TIS statistics and the trainer-vs-engine check.
+            tis = tis_weights([r.behavior_logprobs for r in rollouts], old_rows, level=args.tis_level,
+                              mode=args.tis_mode, cap=args.tis_cap)
+            diffs = np.concatenate([np.abs(np.array(o) - np.array(r.target_logprobs))
+                                    for o, r in zip(old_rows, rollouts)])
+            diff_max = float(diffs.max())
+            if args.logprob_tol > 0 and not diff_max <= args.logprob_tol:
+                raise Fatal(
+                    f"step {k}: the trainer's log-probs differ from the engine's target log-probs by up to "
+                    f"{diff_max:.3g} (> --logprob-tol {args.logprob_tol}): the server(s) do not serve the "
+                    f"trainer's weights. Start them from --model-dir {args.model_dir} (a server that was "
+                    "reloaded earlier keeps the reloaded weights) and run again.")
+
+            # How far the update moved the policy on this batch (one more forward, no
+            # grad): it shows that the next step's trainer-vs-engine check is meaningful.
+            shift_max: float | None = None
+            shift_mean: float | None = None
+            if not args.no_shift:
+                t = time.perf_counter()
+                shift_max, shift_sum = 0.0, 0.0
+                with torch.no_grad():
+                    for start in range(0, len(rollouts), args.micro_batch_size):
+                        part = rollouts[start : start + args.micro_batch_size]
+                        logp, _, mask = completion_logprobs(
+                            model, [r.prompt_token_ids for r in part], [r.token_ids for r in part], pad_id)
+                        for new, old in zip(ragged(logp, mask), old_rows[start : start + len(part)]):
+                            delta = np.abs(np.array(new) - np.array(old))
+                            shift_max = max(shift_max, float(delta.max()))
+                            shift_sum += float(delta.sum())
+                shift_mean = shift_sum / num_tokens
+                times["shift"] = time.perf_counter() - t
+
+            # 5. Checkpoint and reload.
+            t = time.perf_counter()
+            path = save_checkpoint(model, tokenizer, root, k)
+            times["save"] = time.perf_counter() - t
+            t = time.perf_counter()
+            version = reload(client, path, v0 + k, args)
+            times["reload"] = time.perf_counter() - t
+            times["total"] = time.perf_counter() - t_step
+
+            groups = rewards.reshape(-1, args.group_size)
+            temps, tmask = batch.temperatures()
+            record: dict[str, Any] = {
+                "step": k,
+                "global_step": global_step,
+                "rollout_weight_version": batch.weight_version,
+                "weight_version": version,
+                "checkpoint": str(path),
+                "decay": batch.schedule.decay if batch.schedule else None,
+                "num_rollouts": len(rollouts),
+                "num_tokens": num_tokens,
+                "reward_mean": float(rewards.mean()),
+                "groups_with_signal": int((groups.std(axis=1) > 0).sum()),
+                "response_length_mean": float(batch.lengths().mean()),
+                "finished_fraction": float(np.mean([r.finish_reason == "stop" for r in rollouts])),
+                "temperature_mean": float(temps[tmask].mean()),
+                "entropy_mean": entropy_sum / num_tokens,
+                "behavior_logprob_mean": float(np.mean(np.concatenate([r.behavior_logprobs for r in rollouts]))),
+                "old_logprob_mean": float(np.mean(np.concatenate(old_rows))),
+                **tis.metrics(prefix="tis_"),
+                "logprob_diff_max": diff_max,
+                "logprob_diff_mean": float(diffs.mean()),
+                "policy_shift_max": shift_max,
+                "policy_shift_mean": shift_mean,
+                "loss": loss_total,
+                "grad_norm": grad_norm,
+                "seconds": {name: round(value, 3) for name, value in times.items()},
+            }
+            records.append(record)
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            clip = "clipped" if args.tis_mode == "truncate" else "masked"
+            print(
+                f"[step {k}/{args.steps}] v{batch.weight_version}->v{version} | reward {record['reward_mean']:.3f} "
+                f"({record['groups_with_signal']}/{len(groups)} groups with signal) | len "
+                f"{record['response_length_mean']:.1f} | entropy {record['entropy_mean']:.3f} | TIS mean "
+                f"{tis.mean:.3f} ess {tis.ess:.3f} {clip} {record['tis_' + clip + '_fraction']:.3f} | "
+                f"|old-target| max {diff_max:.2e} | "
+                + (f"shift {shift_max:.2e} | " if shift_max is not None else "")
+                + fmt_seconds(times),
+                flush=True,
+            )
+    finally:
+        client.close()
+        if log_file:
+            log_file.close()
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except Fatal as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ScheduleError as exc:
+        print(f"error: --schedule: {exc}", file=sys.stderr)
+        return 2
+    except EADError as exc:
+        print(f"error from the rollout server(s): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

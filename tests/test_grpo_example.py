@@ -1,0 +1,94 @@
+"""End to end: clients/examples/grpo_tis.py trains a tiny model for two GRPO + TIS steps
+against a real server, reloading the weights after each step.
+
+Versions in the log: ``rollout_weight_version`` is the version the step's rollouts came
+from (0 = the weights the server started with), ``weight_version`` the version every
+server reports after reloading that step's checkpoint (step k -> k on a fresh server).
+
+What proves reload exactness: step 2 samples on the weights that step 1 wrote and the
+server reloaded, and the engine's temperature-1 target log-probs must match the trainer's
+own log-probs to < 1e-3. That only means something if step 1 moved the policy by much
+more than that: the tiny random model almost never writes the right digit, so its
+rewards (and GRPO advantages) are mostly 0, and the test adds decoupled weight decay,
+which changes every weight at every step whatever the rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from server_process import running_server
+from tiny_model import write_tiny_llama
+
+pytestmark = pytest.mark.engine
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "clients" / "examples" / "grpo_tis.py"
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def grpo_server():
+    """The only server of this module: the tiny model, with reloads under ``root``.
+
+    A private temporary folder rather than ``tmp_path_factory``: pytest keeps only the
+    three newest ``/tmp/pytest-of-USER/pytest-N`` folders, so other pytest sessions on the
+    same machine can delete a long test's folder (and its checkpoints) under it.
+    """
+    with tempfile.TemporaryDirectory(prefix="ead-grpo-test-") as name:
+        tmp = Path(name)
+        root = tmp / "weights"
+        base = write_tiny_llama(root / "base")
+        with running_server(tmp, "--model", str(base), "--weights-root", str(root), "--admin-key", "k",
+                            "--max-model-len", "512") as server:
+            yield server, root, base, tmp
+
+
+def test_two_grpo_steps_reload_exactly(grpo_server):
+    server, root, base, tmp = grpo_server
+    log = tmp / "grpo.jsonl"
+    cmd = [
+        sys.executable, str(EXAMPLE), "--base-url", server.url, "--model-dir", str(base),
+        "--weights-root", str(root), "--admin-key", "k", "--steps", "2", "--prompts-per-step", "3",
+        "--group-size", "4", "--max-tokens", "16", "--lr", "1e-2", "--weight-decay", "1.0",
+        "--micro-batch-size", "5", "--seed", "3", "--log", str(log),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, f"example failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "[step 2/2] v1->v2" in done.stdout
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert [r["rollout_weight_version"] for r in records] == [0, 1]
+    assert [r["weight_version"] for r in records] == [1, 2]
+    assert [Path(r["checkpoint"]) for r in records] == [root.resolve() / "step-1", root.resolve() / "step-2"]
+    assert all((root / f"step-{k}" / "config.json").is_file() for k in (1, 2))
+    assert not list(root.glob(".step-*"))  # no partial checkpoint left behind
+
+    for r in records:
+        assert r["num_rollouts"] == 12
+        assert 0.0 <= r["reward_mean"] <= 1.0
+        assert 0 < r["response_length_mean"] <= 16
+        assert r["num_tokens"] == round(r["response_length_mean"] * 12)
+        for key in ("tis_mean", "tis_ess", "tis_clipped_fraction", "tis_ratio_mean", "entropy_mean",
+                    "loss", "grad_norm", "logprob_diff_max", "policy_shift_max"):
+            assert math.isfinite(r[key]), key
+        assert 0 < r["tis_mean"] <= 2.0 and 0 < r["tis_ess"] <= 1 and 0 <= r["tis_clipped_fraction"] <= 1
+        assert r["tis_masked_fraction"] == 0.0  # truncate mode
+        assert r["entropy_mean"] > 0
+        # Trainer (transformers) vs engine (vLLM) on the same weights: step 1 on the
+        # weights the server started with, step 2 on the reloaded step-1 checkpoint.
+        assert r["logprob_diff_max"] < TOL
+        assert set(r["seconds"]) >= {"rollout", "train", "save", "reload", "total"}
+    # Step 1 moved the policy far more than the tolerance, so stale weights on the
+    # server would have failed step 2's check.
+    assert records[0]["policy_shift_max"] > 20 * TOL
+    # The schedule is step-aware: d = 25 + 5 * step for the paper preset.
+    assert [r["decay"] for r in records] == [25.0, 30.0]
