@@ -280,7 +280,7 @@ class BaseEADClient:
             elif isinstance(body, dict) and "detail" in body:  # FastAPI's default shape
                 message = json.dumps(body["detail"])[:2000]
         status = response.status_code
-        cls = AuthenticationError if status in (401, 403) else BadRequestError if 400 <= status < 500 else APIError
+        cls = AuthenticationError if status == 401 else BadRequestError if 400 <= status < 500 else APIError
         return cls(status, message, param, None if code is None else str(code), type=etype, url=url)
 
     @staticmethod

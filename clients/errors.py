@@ -4,8 +4,8 @@
 
     EADError                      every error this package raises on purpose
     ├── APIError                  the server answered with an error (status, message, param, code)
-    │   ├── BadRequestError       4xx other than 401/403: the request is wrong, retrying cannot help
-    │   └── AuthenticationError   401 or 403: missing or wrong api_key / admin_key
+    │   ├── BadRequestError       4xx other than 401: the request is wrong (403: not allowed, e.g. a path outside --weights-root), retrying cannot help
+    │   └── AuthenticationError   401: missing or wrong api_key / admin_key
     ├── ServerUnavailableError    no answer: connection refused, timeout, 5xx, after every retry
     ├── RolloutError              some prompts of a rollouts() call could not be generated
     ├── WeightVersionMismatch     servers (or one call's responses) disagree on the weight version
@@ -78,11 +78,11 @@ class APIError(EADError):
 
 
 class BadRequestError(APIError):
-    """A 4xx answer (other than 401/403): the request is invalid and is never retried."""
+    """A 4xx answer other than 401 (403: not allowed, e.g. a reload path outside the weights root); never retried."""
 
 
 class AuthenticationError(APIError):
-    """A 401 or 403 answer: give the right ``api_key`` (or ``admin_key`` for reloads)."""
+    """A 401 answer: give the right ``api_key`` (or ``admin_key`` for reloads)."""
 
 
 class ServerUnavailableError(EADError):

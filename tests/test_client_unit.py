@@ -277,7 +277,8 @@ def test_openai_style_errors_become_typed_exceptions() -> None:
     assert err.param == "temperature_schedule.tau_min" and err.message == "tau_min must be positive"
     assert "temperature_schedule.tau_min" in str(err) and "http://h:1" in str(err)
     assert isinstance(BaseEADClient._api_error(response(401, {"error": {"message": "no"}}), "u"), AuthenticationError)
-    assert isinstance(BaseEADClient._api_error(response(403, {"error": {"message": "no"}}), "u"), AuthenticationError)
+    forbidden = BaseEADClient._api_error(response(403, {"error": {"message": "outside the weights root"}}), "u")
+    assert isinstance(forbidden, BadRequestError) and not isinstance(forbidden, AuthenticationError)
     five = BaseEADClient._api_error(response(503, b"overloaded"), "u")
     assert type(five) is APIError and five.message == "overloaded"
     detail = BaseEADClient._api_error(response(422, {"detail": [{"loc": ["body", "n"]}]}), "u")

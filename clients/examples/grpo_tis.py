@@ -264,9 +264,9 @@ def reload(client: EADClient, path: Path, expected: int, args: argparse.Namespac
     try:
         version = client.reload_weights(str(path))
     except APIError as exc:
-        # The client raises AuthenticationError for 401 and 403 alike; the server answers
-        # 401 for a wrong admin key, 403 for a path outside its --weights-root or when it
-        # was started without one, and 404 for a folder it cannot see.
+        # The server answers 401 for a wrong admin key (AuthenticationError), 403 for a path
+        # outside its --weights-root or when it was started without one, and 404 for a
+        # folder it cannot see (both BadRequestError).
         if exc.status == 401:
             hint = "\nPass the servers' --admin-key with --admin-key or $EAD_ADMIN_KEY."
         elif exc.status in (403, 404):
