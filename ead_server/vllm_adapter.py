@@ -76,7 +76,6 @@ class EADLogitsProcessor(LogitsProcessor):
         self._positions = self._positions_cpu if on_cpu else torch.zeros_like(self._positions_cpu, device=device)
         self._on_cpu = on_cpu
         self._outputs: dict[int, list[int]] = {}  # row -> live output-token list, scheduled rows only
-        self._batch_size = 0
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -117,7 +116,6 @@ class EADLogitsProcessor(LogitsProcessor):
                 self._outputs[row] = output_ids
         for a, b, direction in batch_update.moved:
             self._move(a, b, swap=direction == MoveDirectionality.SWAP)
-        self._batch_size = batch_update.batch_size
         if self._outputs and not self._on_cpu:
             self._kinds.copy_(self._kinds_cpu, non_blocking=True)
             self._params.copy_(self._params_cpu, non_blocking=True)
