@@ -35,7 +35,7 @@ class ServerConfig:
 
 def extend_app(app: FastAPI, engine: Any, config: ServerConfig) -> None:
     gate = WeightGate(path=config.model_path)
-    app.state.ead = _State(engine=engine, config=config, gate=gate, reload_lock=asyncio.Lock())
+    app.state.ead = _State(engine=engine, config=config, gate=gate)
     # Innermost, so vLLM's auth middleware answers unauthenticated requests first.
     app.user_middleware.append(Middleware(ScheduleMiddleware, gate=gate))
     app.add_exception_handler(APIError, lambda _request, exc: exc.response())
@@ -53,7 +53,6 @@ class _State:
     engine: Any
     config: ServerConfig
     gate: WeightGate
-    reload_lock: asyncio.Lock
 
 
 def _state(request: Request) -> _State:
@@ -96,7 +95,7 @@ async def reload(body: ReloadRequest, state: _State = Depends(_state)) -> Weight
         raise APIError(403, "weight reload is disabled: start the server with --weights-root DIR", "path")
     folder = resolve_under(root, body.path)
     table = check_compatible(folder, Path(state.config.model_path))
-    async with state.reload_lock, state.gate.writing():
+    async with state.gate.writing():  # one reload at a time, alone with the engine
         try:
             await _load(state.engine, folder, table)
         except Exception as exc:  # noqa: BLE001 - any engine failure: restore, then report
