@@ -14,9 +14,9 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture
 def doomed(tiny_model_dir, tmp_path):
-    """A second server of the same model, which the test kills."""
+    """A second server of the same model, which the test kills; it logs each request it takes."""
     with running_server(tmp_path, "--model", str(tiny_model_dir), "--served-model-name", "tiny",
-                        "--max-model-len", "512") as srv:
+                        "--max-model-len", "512", "--enable-log-requests") as srv:
         yield srv
 
 
@@ -24,22 +24,22 @@ def test_client_survives_one_of_two_servers_dying_mid_batch(server, doomed):
     prompts = [f"prompt {i}: " for i in range(24)]
     stop = threading.Event()
 
-    def kill_after_first_answer() -> None:
-        while not stop.wait(0.05):
-            if b"POST /v1/rollouts" in doomed.log.read_bytes():  # an answered request
+    def kill_with_requests_in_flight() -> None:
+        while not stop.wait(0.01):
+            if b"Added request" in doomed.log.read_bytes():  # its engine has taken work
                 doomed.kill()
                 return
 
-    killer = threading.Thread(target=kill_after_first_answer)
+    killer = threading.Thread(target=kill_with_requests_in_flight)
     with EADClient([doomed.url, server.url], max_concurrency=8, chunk_size=1, max_retries=4, timeout=120,
                    backoff=0.2) as client:
         killer.start()
         try:
-            batch = client.rollouts(prompts, n=2, max_tokens=48, schedule={"type": "ead", "decay": 8})
+            batch = client.rollouts(prompts, n=2, max_tokens=96, schedule={"type": "ead", "decay": 8})
         finally:
             stop.set()
             killer.join()
-        assert doomed.process.poll() is not None, "the batch ended before the server was killed: make it longer"
+        assert doomed.process.poll() is not None, "the doomed server never took a request"
         assert [(r.prompt_index, r.sample_index) for r in batch.rollouts] == [(p, s) for p in range(24) for s in range(2)]
         assert all(len(r.token_ids) == len(r.behavior_logprobs) > 0 for r in batch.rollouts)
         assert client.health() == {doomed.url: False, server.url: True}
