@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from ead_server.bench.server import free_port, serve_command
 
 
 @dataclass
@@ -33,18 +33,12 @@ class Server:
         self.process.wait(timeout=30)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(log_dir: Path, *args: str, timeout: float = 600) -> Iterator[Server]:
     """Run ``ead-server serve ARGS`` until the block ends; fail with its log if it dies."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "ead_server.cli", "serve", "--port", str(port), *args]
+    cmd = serve_command(port, None, args)
     with log.open("wb") as out:
         # Unbuffered, so that the log shows each answered request as it happens.
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
