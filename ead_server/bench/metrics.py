@@ -11,6 +11,13 @@ For one problem the pool holds ``P`` samples (``--n-max``), ``m`` of them correc
   which nobody votes counts as wrong. The value is averaged over all size-N subsets of
   the pool when there are at most ``max_subsets`` of them, else over ``max_subsets``
   uniformly drawn ones.
+* First-k Maj@k (``maj_first``): the same vote over samples ``0 .. k-1`` only, which is
+  what lighteval's ``MajAtN``, lm-evaluation-harness's ``take_first_k`` + ``majority_vote``
+  and the Qwen2.5-Math evaluation's ``rm_maj_eval.py`` compute. It estimates the same
+  quantity as the subset average (the samples of a pool are exchangeable) with more
+  variance, and it is the number that can sit beside theirs.
+* :data:`TOOLS` holds those tools' own vote (exact-string classes, a sample without an
+  answer votes with the tool's fallback text); :func:`tool_first_k` applies it.
 """
 
 from __future__ import annotations
@@ -25,11 +32,15 @@ import numpy as np
 __all__ = [
     "Interval",
     "MajorityEstimate",
+    "TOOLS",
+    "ToolConvention",
     "VotePool",
     "bootstrap_indices",
     "bootstrap_mean",
     "majority_at_n",
+    "majority_first_k",
     "pass_at_k",
+    "tool_first_k",
     "vote",
     "worst_at_k",
 ]
@@ -108,6 +119,80 @@ def majority_at_n(
     draws = np.sort(rng.random((max_subsets, size)).argsort(axis=1)[:, :n], axis=1)
     hits = sum(_majority_correct(pool, row.tolist()) for row in draws)
     return MajorityEstimate(hits / max_subsets, max_subsets, False)
+
+
+def majority_first_k(pool: VotePool, k: int) -> bool:
+    """Maj@k over the first k samples in sample-index order (not averaged over subsets).
+
+    The vote is :func:`vote`'s: math-verify classes, ties to the class opened first,
+    samples without a parseable answer abstain. This is the estimator the common
+    evaluation tools report, so a number computed here can be put beside theirs; for the
+    exact vote of one of those tools, see :func:`tool_first_k`.
+    """
+    if not 1 <= k <= pool.size:
+        raise ValueError(f"k = {k} must lie in 1..{pool.size} (the pool size)")
+    return _majority_correct(pool, range(k))
+
+
+@dataclass(frozen=True)
+class ToolConvention:
+    """How another evaluation tool takes its first-k majority vote.
+
+    All three vote over the first k samples by exact string equality of the extracted
+    answer (no math-verify between answers), break ties towards the answer seen first,
+    and let a sample without an answer vote with a fallback text, so a majority of
+    answerless samples wins (and is wrong). ``fallback`` is that text; ``source`` says
+    where the vote is written.
+    """
+
+    name: str
+    fallback: str
+    source: str
+
+
+TOOLS: dict[str, ToolConvention] = {
+    t.name: t
+    for t in (
+        # MajAtN.compute: max(all_answers, key=all_answers.count) over final_text[:n];
+        # SamplingMetric.preprocess maps an empty prediction to "".
+        ToolConvention("lighteval", "", "huggingface/lighteval src/lighteval/metrics/metrics_sample.py (MajAtN)"),
+        # take_first_k, then RegexFilter (fallback "[invalid]"), then MajorityVoteFilter:
+        # Counter(resp).most_common(1)[0][0].
+        ToolConvention("lm-eval", "[invalid]",
+                       "EleutherAI/lm-evaluation-harness lm_eval/tasks/gsm8k/gsm8k-cot-self-consistency.yaml, "
+                       "lm_eval/filters/selection.py, lm_eval/filters/extraction.py"),
+        # eval_maj_k_metrics -> group_pred(sample["pred"][:k], strip=False, use_symbol=False);
+        # parser.extract_answer returns "" when it finds nothing.
+        ToolConvention("qwen-math", "", "QwenLM/Qwen2.5-Math evaluation/rm_maj_eval.py"),
+    )
+}
+
+
+def tool_first_k(answers: Sequence[str | None], correct: Sequence[bool], k: int, tool: str) -> bool:
+    """First-k Maj@k under ``tool``'s convention (a key of :data:`TOOLS`).
+
+    ``answers[j]`` is sample j's extracted answer (None: none found) and ``correct[j]``
+    its grade against the gold. The winner is the most frequent answer text among the
+    first k, the earliest seen on ties; it is judged by the grade of its first sample
+    (what ``rm_maj_eval.py`` does; every sample with the same text has the same grade
+    here). Our extraction and math-verify grading of single answers are kept: those
+    depend on the tool's prompt and task, the vote does not.
+    """
+    convention = TOOLS[tool]
+    if len(answers) != len(correct):
+        raise ValueError("answers and correct must have the same length")
+    if not 1 <= k <= len(answers):
+        raise ValueError(f"k = {k} must lie in 1..{len(answers)} (the pool size)")
+    keys = [convention.fallback if a is None else a for a in answers[:k]]
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for j, key in enumerate(keys):
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, j)
+    winner = max(counts, key=lambda key: (counts[key], -first[key]))
+    j = first[winner]
+    # An answerless sample's fallback text never matches a gold answer in those tools.
+    return answers[j] is not None and bool(correct[j])
 
 
 def pass_at_k(size: int, n_correct: int, k: int) -> float:
