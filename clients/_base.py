@@ -1,5 +1,12 @@
 """What the sync and async clients share: configuration, server choice, retry policy,
-request building and response parsing. Only the I/O loops differ between the twins.
+request building and response parsing.
+
+The per-request policy (which server, when to retry, how to classify an answer, when a
+server goes into cool-off) lives in generator *flows* here, in the shape of httpx's
+``Auth.auth_flow``: a flow yields a :class:`_Send` and is sent back the response (or the
+transport error); it yields a float to ask for a wait; it returns the result or raises.
+``EADClient`` and ``AsyncEADClient`` only drive flows: they do the I/O a flow asks for,
+blocking or awaiting.
 """
 
 from __future__ import annotations
@@ -9,13 +16,14 @@ import math
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, Union
 
 import httpx
 from pydantic import ValidationError
 
+from ead_server import __version__  # the distribution's version, from its metadata
 from ead_server.schedule import (
     DecaySchedule,
     ResolvedSchedule,
@@ -35,8 +43,6 @@ from .errors import (
     WeightVersionMismatch,
     _short_list,
 )
-
-__version__ = "0.1.0"
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_RETRIES = 5
@@ -109,6 +115,35 @@ class _RetryState:
     tried: set[str] = field(default_factory=set)
     last_error: BaseException | None = None
     last_url: str | None = None
+
+    def record(self, url: str) -> None:
+        """An attempt is about to go to ``url``."""
+        self.attempts += 1
+        self.tried.add(url)
+        self.last_url = url
+
+
+@dataclass(frozen=True)
+class _Send:
+    """The request a flow wants sent next (``json`` is the body, None for none)."""
+
+    method: str
+    url: str
+    json: Any
+    headers: dict[str, str]
+    timeout: float | httpx.UseClientDefault = httpx.USE_CLIENT_DEFAULT
+
+
+# What a driver sends back into a flow after a _Send: the response, or the transport
+# error (connection refused, timeout, ...) that stopped it. Any other exception is the
+# driver's own and ends the flow.
+_Answer = Union[httpx.Response, httpx.TransportError]
+_T = TypeVar("_T")
+# A flow yields a _Send and gets an _Answer back, then yields a float (seconds to wait
+# before its next _Send; 0 for none) and gets None back, or returns / raises. Sends and
+# waits alternate, so a driver can hold a concurrency slot from the resume that leads to
+# a _Send until the flow's next wait or end.
+_Flow = Generator[Union[_Send, float], Union[_Answer, None], _T]
 
 
 class BaseEADClient:
@@ -255,6 +290,87 @@ class BaseEADClient:
         )
         err.__cause__ = state.last_error
         return err
+
+    # -- flows: the per-request policy, without I/O -------------------------------------
+
+    def _rollout_flow(self, chunk: _Chunk) -> _Flow[_ChunkResult | _ChunkFailure]:
+        """One rollout request with retries and fail-over.
+
+        Each attempt goes to the server :meth:`_acquire_server` picks, preferring servers
+        this request has not tried. A transport error or a transient status puts that
+        server in cool-off and retries; a 4xx raises at once (with the chunk's prompt
+        indices); when the retries are used up the flow returns a :class:`_ChunkFailure`,
+        so the call can name every prompt that failed. The server is released however
+        the attempt ends, also when the driver abandons the flow (the ``finally`` runs
+        when the generator is closed).
+        """
+        state = _RetryState()
+        while True:
+            server = self._acquire_server(state.tried)
+            state.record(server.url)
+            healthy: bool | None = None
+            try:
+                answer = yield _Send("POST", server.url + "/v1/rollouts", chunk.body, self._headers())
+                if isinstance(answer, httpx.TransportError):
+                    healthy, state.last_error = False, answer
+                elif answer.is_success:
+                    healthy = True
+                    return self._parse_rollouts(self._json(answer, server.url), chunk, server.url)
+                else:
+                    err = self._api_error(answer, server.url)
+                    if not self._is_transient_status(answer.status_code):
+                        healthy = True  # the server is fine; the request is not
+                        err.prompt_indices = chunk.indices
+                        raise err
+                    healthy, state.last_error = False, err
+            finally:
+                self._release_server(server, healthy)
+            delay = self._retry_delay(state)
+            if delay is None:
+                return _ChunkFailure(chunk, self._unavailable(state, _describe_chunk(chunk)))
+            yield delay
+
+    def _call_flow(
+        self, url: str, method: str, path: str, body: Any, *, admin: bool = False, idempotent: bool = True
+    ) -> _Flow[dict[str, Any]]:
+        """One request to one server, retried in place (no fail-over: every server must
+        answer). A request that is not ``idempotent`` (a reload changes server state) is
+        retried only when it cannot have reached the server."""
+        state = _RetryState()
+        while True:
+            state.record(url)
+            answer = yield _Send(method, url + path, body, self._headers(admin))
+            if isinstance(answer, httpx.TransportError):
+                state.last_error = answer
+                if not idempotent and not isinstance(answer, _NOT_SENT):
+                    raise self._unavailable(state, f"{method} {path} (not retried: it may have reached the server)")
+            elif answer.is_success:
+                return self._json(answer, url)
+            else:
+                err = self._api_error(answer, url)
+                if not (idempotent and self._is_transient_status(answer.status_code)):
+                    raise err
+                state.last_error = err
+            delay = self._backoff_delay(state)
+            if delay is None:
+                raise self._unavailable(state, f"{method} {path}")
+            yield delay
+
+    def _reload_flow(self, url: str, path: str) -> _Flow[int]:
+        answer = yield from self._call_flow(
+            url, "POST", "/v1/weights/reload", {"path": str(path)}, admin=True, idempotent=False
+        )
+        return self._parse_version(answer, url)
+
+    def _version_flow(self, url: str) -> _Flow[int]:
+        answer = yield from self._call_flow(url, "GET", "/v1/weights", None)
+        return self._parse_version(answer, url)
+
+    def _probe_flow(self, url: str) -> _Flow[bool]:
+        """``GET /health`` once, with the short probe timeout: a dead server must not
+        take the generation timeout to report."""
+        answer = yield _Send("GET", url + "/health", None, self._headers(), timeout=self._probe_timeout)
+        return not isinstance(answer, httpx.TransportError) and answer.is_success
 
     # -- answers -----------------------------------------------------------------------
 
@@ -510,14 +626,27 @@ class BaseEADClient:
         return next(iter(versions.values()))
 
     @staticmethod
-    def _raise_first(errors: dict[str, BaseException], done: Mapping[str, Any], what: str) -> None:
-        """Raise the first server's error; the other servers' outcomes go into its notes."""
-        url, err = next(iter(errors.items()))
-        if hasattr(err, "add_note") and (len(errors) > 1 or done):
-            others = [f"{u}: {type(e).__name__}: {e}" for u, e in list(errors.items())[1:]]
-            others += [f"{u}: ok ({v!r})" for u, v in done.items()]
-            err.add_note(f"{what} on the other servers: " + "; ".join(others))
-        raise err
+    def _settle(outcomes: Mapping[str, _T | BaseException], raise_errors: bool = True) -> dict[str, _T]:
+        """The results of a call to every server, keyed by URL.
+
+        With ``raise_errors``, any error raises the first server's error, and the other
+        servers' outcomes go into its notes; without, failed servers are left out.
+        """
+        errors = {u: r for u, r in outcomes.items() if isinstance(r, BaseException)}
+        done = {u: r for u, r in outcomes.items() if not isinstance(r, BaseException)}
+        if errors and raise_errors:
+            err = next(iter(errors.values()))
+            if hasattr(err, "add_note") and (len(errors) > 1 or done):  # add_note: Python 3.11+
+                others = [f"{u}: {type(e).__name__}: {e}" for u, e in list(errors.items())[1:]]
+                others += [f"{u}: ok ({v!r})" for u, v in done.items()]
+                err.add_note("outcome on the other servers: " + "; ".join(others))
+            raise err
+        return done  # type: ignore[return-value]
+
+
+def _describe_chunk(chunk: _Chunk) -> str:
+    first, last = chunk.start, chunk.stop - 1
+    return f"rollouts for prompt {first}" if first == last else f"rollouts for prompts {first}-{last}"
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

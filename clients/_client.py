@@ -1,29 +1,39 @@
 """``EADClient`` (threads over ``httpx.Client``) and ``AsyncEADClient`` (tasks over
 ``httpx.AsyncClient``): the same methods, arguments and results; only the waiting differs.
+
+Every decision (server choice, retries, fail-over, answer classification) is made by the
+flows of :class:`BaseEADClient`. The twins drive them: ``_drive`` sends the requests a
+flow asks for and waits as long as it says, blocking here and awaiting there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, closing, nullcontext
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import httpx
 
 from ead_server.schedule import TemperatureSchedule
 
 from ._base import (
-    _NOT_SENT,
+    DEFAULT_BACKOFF,
+    DEFAULT_COOLOFF,
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
     BaseEADClient,
+    _Answer,
     _Chunk,
     _ChunkFailure,
     _ChunkResult,
-    _RetryState,
+    _Flow,
+    _Send,
 )
 from ._models import RolloutBatch
 from .errors import EADError
@@ -31,6 +41,7 @@ from .errors import EADError
 __all__ = ["AsyncEADClient", "EADClient"]
 
 _Outcome = _ChunkResult | _ChunkFailure
+_T = TypeVar("_T")
 
 
 class _Cancelled(EADError):
@@ -54,8 +65,23 @@ class EADClient(BaseEADClient):
     See :class:`BaseEADClient` for the arguments.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        *,
+        backoff: float = DEFAULT_BACKOFF,
+        cooloff: float = DEFAULT_COOLOFF,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            base_urls, api_key, admin_key, max_concurrency, timeout, max_retries,
+            backoff=backoff, cooloff=cooloff, chunk_size=chunk_size,
+        )
         self._http = httpx.Client(**self._httpx_kwargs())
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
 
@@ -76,6 +102,42 @@ class EADClient(BaseEADClient):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    # -- the I/O a flow asks for ----------------------------------------------------------
+
+    def _drive(
+        self,
+        flow: _Flow[_T],
+        slots: AbstractContextManager[Any] = nullcontext(),
+        cancel: threading.Event | None = None,
+    ) -> _T:
+        """Run ``flow`` to its end, holding one of ``slots`` per attempt; stop before an
+        attempt (and cut a wait short) once ``cancel`` is set."""
+        cancel = cancel if cancel is not None else threading.Event()
+        with closing(flow):
+            try:
+                while True:
+                    with slots:
+                        if cancel.is_set():  # checked after the wait for a slot, which may be long
+                            raise _Cancelled("not sent: another request of this call failed")
+                        send = cast(_Send, flow.send(None))
+                        answer: _Answer
+                        try:
+                            answer = self._http.request(
+                                send.method, send.url, json=send.json, headers=send.headers, timeout=send.timeout
+                            )
+                        except httpx.TransportError as exc:
+                            answer = exc
+                        delay = cast(float, flow.send(answer))
+                    if delay:
+                        cancel.wait(delay)  # returns early when the call is cancelled
+            except StopIteration as stop:
+                return cast(_T, stop.value)
+
+    def _each_server(self, flow: Callable[[str], _Flow[_T]], raise_errors: bool = True) -> dict[str, _T]:
+        with ThreadPoolExecutor(max_workers=len(self.base_urls), thread_name_prefix="ead-client") as pool:
+            futures = {url: pool.submit(self._drive, flow(url)) for url in self.base_urls}
+        return self._settle({u: f.exception() or f.result() for u, f in futures.items()}, raise_errors)
 
     # -- rollouts -----------------------------------------------------------------------------
 
@@ -147,11 +209,11 @@ class EADClient(BaseEADClient):
         return self._assemble(outcomes, num_prompts=chunks[-1].stop, n=n)
 
     def _run_chunks(self, chunks: list[_Chunk]) -> list[_Outcome]:
-        cancel = threading.Event()
         if len(chunks) == 1:
-            return [self._run_chunk(chunks[0], cancel)]
+            return [self._drive(self._rollout_flow(chunks[0]), self._slots)]
+        cancel = threading.Event()
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks)), thread_name_prefix="ead-client")
-        futures = [pool.submit(self._run_chunk, c, cancel) for c in chunks]
+        futures = [pool.submit(self._drive, self._rollout_flow(c), self._slots, cancel) for c in chunks]
         try:
             done, _ = wait_futures(futures, return_when=FIRST_EXCEPTION)
             for f in futures:
@@ -166,39 +228,6 @@ class EADClient(BaseEADClient):
         pool.shutdown(wait=True)
         return [f.result() for f in futures]
 
-    def _run_chunk(self, chunk: _Chunk, cancel: threading.Event) -> _Outcome:
-        state = _RetryState()
-        while True:
-            with self._slots:
-                if cancel.is_set():  # checked after the wait for a slot, which may be long
-                    return _ChunkFailure(chunk, _Cancelled("not sent: another request of this call failed"))
-                server = self._acquire_server(state.tried)
-                state.attempts += 1
-                state.tried.add(server.url)
-                state.last_url = server.url
-                healthy: bool | None = None
-                try:
-                    response = self._http.post(server.url + "/v1/rollouts", json=chunk.body, headers=self._headers())
-                except httpx.TransportError as exc:
-                    healthy, state.last_error = False, exc
-                else:
-                    if response.is_success:
-                        healthy = True
-                        return self._parse_rollouts(self._json(response, server.url), chunk, server.url)
-                    err = self._api_error(response, server.url)
-                    if not self._is_transient_status(response.status_code):
-                        healthy = True  # the server is fine; the request is not
-                        err.prompt_indices = chunk.indices
-                        raise err
-                    healthy, state.last_error = False, err
-                finally:
-                    self._release_server(server, healthy)
-            delay = self._retry_delay(state)
-            if delay is None:
-                return _ChunkFailure(chunk, self._unavailable(state, _describe_chunk(chunk)))
-            if delay:
-                cancel.wait(delay)  # returns early when the call is cancelled
-
     # -- weights -------------------------------------------------------------------------------
 
     def reload_weights(self, path: str) -> int:
@@ -211,64 +240,15 @@ class EADClient(BaseEADClient):
         the other servers' outcomes), and :class:`WeightVersionMismatch` (with each
         server's version) if they disagree afterwards.
         """
-        body = {"path": str(path)}
-
-        def reload(url: str) -> int:
-            answer = self._call(url, "POST", "/v1/weights/reload", body, admin=True, idempotent=False)
-            return self._parse_version(answer, url)
-
-        return self._common_version(self._each_server(reload))
+        return self._common_version(self._each_server(lambda url: self._reload_flow(url, path)))
 
     def weight_versions(self) -> dict[str, int]:
         """The weight version each server reports, keyed by server URL."""
-        return self._each_server(lambda url: self._parse_version(self._call(url, "GET", "/v1/weights", None), url))
+        return self._each_server(self._version_flow)
 
     def health(self) -> dict[str, bool]:
         """Whether each server answers ``GET /health`` with 2xx (one try, no retries)."""
-
-        def probe(url: str) -> bool:
-            try:
-                r = self._http.get(url + "/health", headers=self._headers(), timeout=self._probe_timeout)
-            except httpx.TransportError:
-                return False
-            return r.is_success
-
-        return self._each_server(probe, collect_errors=False)
-
-    def _each_server(self, fn: Any, collect_errors: bool = True) -> dict[str, Any]:
-        with ThreadPoolExecutor(max_workers=len(self.base_urls), thread_name_prefix="ead-client") as pool:
-            futures = {url: pool.submit(fn, url) for url in self.base_urls}
-        errors = {u: f.exception() for u, f in futures.items() if f.exception() is not None}
-        done = {u: f.result() for u, f in futures.items() if f.exception() is None}
-        if errors and collect_errors:
-            self._raise_first(errors, done, "outcome")  # type: ignore[arg-type]
-        return done
-
-    def _call(
-        self, url: str, method: str, path: str, body: Any, *, admin: bool = False, idempotent: bool = True
-    ) -> dict[str, Any]:
-        """One server, retried in place (no fail-over: every server must answer)."""
-        state = _RetryState()
-        while True:
-            state.attempts += 1
-            state.last_url = url
-            try:
-                response = self._http.request(method, url + path, json=body, headers=self._headers(admin))
-            except httpx.TransportError as exc:
-                state.last_error = exc
-                if not idempotent and not isinstance(exc, _NOT_SENT):
-                    raise self._unavailable(state, f"{method} {path} (not retried: it may have reached the server)")
-            else:
-                if response.is_success:
-                    return self._json(response, url)
-                err = self._api_error(response, url)
-                if not (idempotent and self._is_transient_status(response.status_code)):
-                    raise err
-                state.last_error = err
-            delay = self._backoff_delay(state)
-            if delay is None:
-                raise self._unavailable(state, f"{method} {path}")
-            time.sleep(delay)
+        return self._each_server(self._probe_flow, raise_errors=False)
 
 
 class AsyncEADClient(BaseEADClient):
@@ -282,8 +262,23 @@ class AsyncEADClient(BaseEADClient):
     Use it from one event loop (the connection pool belongs to the loop it first runs on).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        *,
+        backoff: float = DEFAULT_BACKOFF,
+        cooloff: float = DEFAULT_COOLOFF,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            base_urls, api_key, admin_key, max_concurrency, timeout, max_retries,
+            backoff=backoff, cooloff=cooloff, chunk_size=chunk_size,
+        )
         self._http = httpx.AsyncClient(**self._httpx_kwargs())
         self._slots = asyncio.Semaphore(self.max_concurrency)
 
@@ -302,6 +297,31 @@ class AsyncEADClient(BaseEADClient):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+    async def _drive(self, flow: _Flow[_T], slots: AbstractAsyncContextManager[Any] = nullcontext()) -> _T:
+        """Run ``flow`` to its end, holding one of ``slots`` per attempt. Cancelling the
+        task closes the flow, which releases its server."""
+        with closing(flow):
+            try:
+                while True:
+                    async with slots:
+                        send = cast(_Send, flow.send(None))
+                        answer: _Answer
+                        try:
+                            answer = await self._http.request(
+                                send.method, send.url, json=send.json, headers=send.headers, timeout=send.timeout
+                            )
+                        except httpx.TransportError as exc:
+                            answer = exc
+                        delay = cast(float, flow.send(answer))
+                    if delay:
+                        await asyncio.sleep(delay)
+            except StopIteration as stop:
+                return cast(_T, stop.value)
+
+    async def _each_server(self, flow: Callable[[str], _Flow[_T]], raise_errors: bool = True) -> dict[str, _T]:
+        results = await asyncio.gather(*(self._drive(flow(url)) for url in self.base_urls), return_exceptions=True)
+        return self._settle(dict(zip(self.base_urls, results)), raise_errors)
 
     async def rollouts(
         self,
@@ -329,7 +349,7 @@ class AsyncEADClient(BaseEADClient):
     rollouts.__doc__ = EADClient.rollouts.__doc__
 
     async def _run_chunks(self, chunks: list[_Chunk]) -> list[_Outcome]:
-        tasks = [asyncio.ensure_future(self._run_chunk(c)) for c in chunks]
+        tasks = [asyncio.ensure_future(self._drive(self._rollout_flow(c), self._slots)) for c in chunks]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         except BaseException:  # the caller was cancelled: take the requests with us
@@ -346,104 +366,17 @@ class AsyncEADClient(BaseEADClient):
                 raise t.exception()  # type: ignore[misc]
         return [t.result() for t in tasks]
 
-    async def _run_chunk(self, chunk: _Chunk) -> _Outcome:
-        state = _RetryState()
-        while True:
-            async with self._slots:
-                server = self._acquire_server(state.tried)
-                state.attempts += 1
-                state.tried.add(server.url)
-                state.last_url = server.url
-                healthy: bool | None = None
-                try:
-                    response = await self._http.post(
-                        server.url + "/v1/rollouts", json=chunk.body, headers=self._headers()
-                    )
-                except httpx.TransportError as exc:
-                    healthy, state.last_error = False, exc
-                else:
-                    if response.is_success:
-                        healthy = True
-                        return self._parse_rollouts(self._json(response, server.url), chunk, server.url)
-                    err = self._api_error(response, server.url)
-                    if not self._is_transient_status(response.status_code):
-                        healthy = True
-                        err.prompt_indices = chunk.indices
-                        raise err
-                    healthy, state.last_error = False, err
-                finally:
-                    self._release_server(server, healthy)
-            delay = self._retry_delay(state)
-            if delay is None:
-                return _ChunkFailure(chunk, self._unavailable(state, _describe_chunk(chunk)))
-            if delay:
-                await asyncio.sleep(delay)
-
     async def reload_weights(self, path: str) -> int:
-        body = {"path": str(path)}
-
-        async def reload(url: str) -> int:
-            answer = await self._call(url, "POST", "/v1/weights/reload", body, admin=True, idempotent=False)
-            return self._parse_version(answer, url)
-
-        return self._common_version(await self._each_server(reload))
+        return self._common_version(await self._each_server(lambda url: self._reload_flow(url, path)))
 
     reload_weights.__doc__ = EADClient.reload_weights.__doc__
 
     async def weight_versions(self) -> dict[str, int]:
-        async def version(url: str) -> int:
-            return self._parse_version(await self._call(url, "GET", "/v1/weights", None), url)
-
-        return await self._each_server(version)
+        return await self._each_server(self._version_flow)
 
     weight_versions.__doc__ = EADClient.weight_versions.__doc__
 
     async def health(self) -> dict[str, bool]:
-        async def probe(url: str) -> bool:
-            try:
-                r = await self._http.get(url + "/health", headers=self._headers(), timeout=self._probe_timeout)
-            except httpx.TransportError:
-                return False
-            return r.is_success
-
-        return await self._each_server(probe, collect_errors=False)
+        return await self._each_server(self._probe_flow, raise_errors=False)
 
     health.__doc__ = EADClient.health.__doc__
-
-    async def _each_server(self, fn: Any, collect_errors: bool = True) -> dict[str, Any]:
-        results = await asyncio.gather(*(fn(url) for url in self.base_urls), return_exceptions=True)
-        errors = {u: r for u, r in zip(self.base_urls, results) if isinstance(r, BaseException)}
-        done = {u: r for u, r in zip(self.base_urls, results) if not isinstance(r, BaseException)}
-        if errors and collect_errors:
-            self._raise_first(errors, done, "outcome")
-        return done
-
-    async def _call(
-        self, url: str, method: str, path: str, body: Any, *, admin: bool = False, idempotent: bool = True
-    ) -> dict[str, Any]:
-        state = _RetryState()
-        while True:
-            state.attempts += 1
-            state.last_url = url
-            try:
-                response = await self._http.request(method, url + path, json=body, headers=self._headers(admin))
-            except httpx.TransportError as exc:
-                state.last_error = exc
-                if not idempotent and not isinstance(exc, _NOT_SENT):
-                    raise self._unavailable(state, f"{method} {path} (not retried: it may have reached the server)")
-            else:
-                if response.is_success:
-                    return self._json(response, url)
-                err = self._api_error(response, url)
-                if not (idempotent and self._is_transient_status(response.status_code)):
-                    raise err
-                state.last_error = err
-            delay = self._backoff_delay(state)
-            if delay is None:
-                raise self._unavailable(state, f"{method} {path}")
-            await asyncio.sleep(delay)
-
-
-def _describe_chunk(chunk: _Chunk) -> str:
-    first, last = chunk.start, chunk.stop - 1
-    return f"rollouts for prompt {first}" if first == last else f"rollouts for prompts {first}-{last}"

@@ -1,12 +1,16 @@
-"""The RL client without a server: schedule/step merging, request building, response
-parsing, arrays, errors, server choice, and connection failures against a closed port.
+"""The RL client without an engine: schedule/step merging, request building, response
+parsing, arrays, errors, server choice, the retry and fail-over flows driven by hand,
+both twins against scripted loopback HTTP servers, and connection failures against a
+closed port.
 
-Tests against a live server are elsewhere.
+Tests against a live engine are elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import inspect
 import json
 import math
 import socket
@@ -14,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -569,3 +574,178 @@ def test_max_concurrency_bounds_threads(dead_urls: list[str]) -> None:
             client.rollouts([f"p{i}" for i in range(7)])
         assert info.value.failed_prompt_indices == list(range(7))
         assert client._slots._value == 2  # every slot given back
+
+
+# -- one policy, two drivers --------------------------------------------------------------------------------------
+
+def test_twins_spell_out_the_base_signature() -> None:
+    base = inspect.signature(BaseEADClient.__init__)
+    for cls in (EADClient, AsyncEADClient):
+        assert inspect.signature(cls.__init__) == base, cls.__name__
+    assert "base_urls" in base.parameters and "chunk_size" in base.parameters
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    assert ead_client.__version__ == importlib.metadata.version("ead-server")
+    assert EADClient("http://h:1")._http.headers["User-Agent"] == f"ead-client/{ead_client.__version__}"
+
+
+def ok_body(n: int = 1, version: int = 0) -> dict[str, Any]:
+    return {"weight_version": version, "rollouts": [rollout(0, s, [1]) for s in range(n)]}
+
+
+def test_rollout_flow_fails_over_at_once_then_succeeds() -> None:
+    c = make_client(base_urls=["http://a:1", "http://b:1"], cooloff=60)
+    flow = c._rollout_flow(chunk(0, 1, 1))
+    first = next(flow)
+    assert first.method == "POST" and first.url.endswith("/v1/rollouts") and first.json == {"prompts": ["x"], "n": 1}
+    assert flow.send(httpx.Response(503, text="busy")) == 0.0  # an untried server is up: no wait
+    second = flow.send(None)
+    assert second.url != first.url
+    with pytest.raises(StopIteration) as done:
+        flow.send(httpx.Response(200, json=ok_body()))
+    assert done.value.value.url == second.url.removesuffix("/v1/rollouts")
+    failed, = (s for s in c._servers if first.url.startswith(s.url))
+    assert failed.failures == 1 and failed.down_until > time.monotonic()
+    assert all(s.in_flight == 0 for s in c._servers)
+
+
+def test_rollout_flow_4xx_raises_and_leaves_the_server_healthy() -> None:
+    c = make_client(base_urls=["http://a:1"])
+    flow = c._rollout_flow(chunk(3, 5, 1))
+    next(flow)
+    with pytest.raises(BadRequestError) as info:
+        flow.send(httpx.Response(400, json={"error": {"message": "bad n", "param": "n"}}))
+    assert info.value.prompt_indices == [3, 4] and info.value.param == "n"
+    assert (c._servers[0].in_flight, c._servers[0].failures) == (0, 0)
+
+
+def test_rollout_flow_gives_up_after_max_retries() -> None:
+    c = make_client(base_urls=["http://a:1"], max_retries=1, backoff=0.5)
+    flow = c._rollout_flow(chunk(0, 1, 1))
+    next(flow)
+    delay = flow.send(httpx.ConnectError("refused"))
+    assert 0.25 <= delay <= 0.5  # the only server was tried: back off
+    flow.send(None)
+    with pytest.raises(StopIteration) as done:
+        flow.send(httpx.ConnectError("refused"))
+    failure = done.value.value
+    assert isinstance(failure, _ChunkFailure) and isinstance(failure.error, ServerUnavailableError)
+    assert failure.error.attempts == 2 and "prompt 0" in str(failure.error)
+
+
+def test_an_abandoned_flow_releases_its_server() -> None:
+    c = make_client(base_urls=["http://a:1"])
+    flow = c._rollout_flow(chunk(0, 1, 1))
+    next(flow)
+    assert c._servers[0].in_flight == 1
+    flow.close()  # what a driver does when its task is cancelled mid-request
+    assert (c._servers[0].in_flight, c._servers[0].down_until) == (0, 0.0)
+
+
+def test_a_reload_is_retried_only_when_it_cannot_have_arrived() -> None:
+    c = make_client(max_retries=3, backoff=0.0)
+    flow = c._reload_flow("http://h:1", "/ckpt")
+    send = next(flow)
+    assert send.json == {"path": "/ckpt"} and send.url == "http://h:1/v1/weights/reload"
+    assert flow.send(httpx.ConnectError("refused")) == 0.0  # never reached the server: retried
+    flow.send(None)
+    with pytest.raises(ServerUnavailableError, match="not retried"):
+        flow.send(httpx.ReadTimeout("slow"))  # may have reached it
+    flow = c._reload_flow("http://h:1", "/ckpt")
+    next(flow)
+    with pytest.raises(APIError):
+        flow.send(httpx.Response(503))  # a 5xx answer to a reload is not retried either
+    flow = c._version_flow("http://h:1")
+    next(flow)
+    assert flow.send(httpx.Response(503)) == 0.0  # but a read is
+    flow.send(None)
+    with pytest.raises(StopIteration) as done:
+        flow.send(httpx.Response(200, json={"weight_version": 7}))
+    assert done.value.value == 7
+
+
+class ScriptedServer:
+    """A real HTTP server on loopback that answers ``/v1/rollouts`` with ``status``:
+    a valid body for 200, an OpenAI-style error otherwise. Counts the requests it takes."""
+
+    def __init__(self, status: int) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests += 1
+                if status == 200:
+                    reply = ok_body(body["n"])
+                    reply["rollouts"] = [rollout(p, s, [1]) for p in range(len(body["prompts"])) for s in range(body["n"])]
+                else:
+                    reply = {"error": {"message": f"scripted {status}", "param": "n"}}
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.requests = 0
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted() -> Any:
+    servers: list[ScriptedServer] = []
+
+    def start(status: int) -> ScriptedServer:
+        servers.append(ScriptedServer(status))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def test_both_twins_fail_over_from_a_5xx_server(scripted: Any) -> None:
+    broken, good = scripted(503), scripted(200)
+    kwargs = dict(max_retries=2, backoff=0.01, cooloff=60, chunk_size=1)
+
+    with EADClient([broken.url, good.url], **kwargs) as client:
+        batch = client.rollouts(["a", "b", "c", "d"], n=2)
+        sync_servers = [(s.failures > 0, s.in_flight) for s in client._servers]
+
+    async def run_async() -> tuple[RolloutBatch, list[tuple[bool, int]]]:
+        async with AsyncEADClient([broken.url, good.url], **kwargs) as client:
+            result = await client.rollouts(["a", "b", "c", "d"], n=2)
+            return result, [(s.failures > 0, s.in_flight) for s in client._servers]
+
+    abatch, async_servers = asyncio.run(run_async())
+    for b in (batch, abatch):
+        assert [(r.prompt_index, r.sample_index) for r in b.rollouts] == [(p, s) for p in range(4) for s in range(2)]
+    assert broken.requests >= 2  # each client sent it at least its first request
+    assert sync_servers == async_servers == [(True, 0), (False, 0)]
+
+
+def test_both_twins_stop_at_a_4xx(scripted: Any) -> None:
+    bad = scripted(422)
+    with EADClient(bad.url, max_retries=3) as client, pytest.raises(BadRequestError) as info:
+        client.rollouts(["a"], seed=5)
+
+    async def run_async() -> None:
+        async with AsyncEADClient(bad.url, max_retries=3) as client:
+            await client.rollouts(["a"], seed=5)
+
+    with pytest.raises(BadRequestError) as ainfo:
+        asyncio.run(run_async())
+    for err in (info.value, ainfo.value):
+        assert err.status == 422 and err.prompt_indices == [0] and err.url == bad.url
+    assert bad.requests == 2  # one each: never retried
