@@ -62,3 +62,68 @@ def test_write_report_writes_all_files(tmp_path: Path) -> None:
         assert p.stat().st_size > 0
     assert paths[2].read_bytes()[:4] == b"\x89PNG" and paths[3].read_bytes()[:4] == b"\x89PNG"
     assert json.loads(paths[0].read_text())["schedules"][1]["token_shares"]["warmup"] == pytest.approx(10 / 40)
+
+
+def _first_k_results(compare_with: list[str]) -> dict:
+    # p1: b a a b (a correct): the first sample and the first-k ties are wrong, while the
+    # subset average gives 0.5. p2: - - a b (a correct): answerless first, then a tie.
+    p1 = VotePool((1, 0, 0, 1), (False, True, True, False), {(0, 1): False, (1, 0): False})
+    p2 = VotePool((-1, -1, 0, 1), (False, False, True, False), {(0, 1): False, (1, 0): False})
+    answers = {("p1", "constant:tau=1.0"): ["b", "a", "a", "b"], ("p2", "constant:tau=1.0"): [None, None, "a", "b"]}
+    keys = list(answers)
+    return summarize(
+        config={"model": "m", "api": "chat", "dataset": {"source": "builtin"}, "n_max": 4, "max_tokens": 16,
+                "seed": 0},
+        schedules=SCHEDULES[:1], problem_ids=["p1", "p2"], pools=dict(zip(keys, (p1, p2))),
+        samples={k: [{"n_tokens": 40, "finish_reason": "stop"}] * 4 for k in keys},
+        extraction_methods={k: ["boxed"] * 4 for k in keys}, ns=[1, 2, 4], seed=0, resamples=200,
+        answers=answers, compare_with=compare_with,
+    )
+
+
+def test_first_k_majority_beside_the_subset_average() -> None:
+    results = _first_k_results(["lm-eval", "qwen-math"])
+    s = results["schedules"][0]
+    # Subset average at N = 1: p1 two of four samples right, p2 one of four.
+    assert s["maj"]["1"]["mean"] == pytest.approx((0.5 + 0.25) / 2)
+    # First k: p1 b | b,a tie -> b | b,a,a,b tie -> b: wrong each time.
+    # p2: - | -,- (nobody votes) | -,-,a,b tie -> a: right only at k = 4.
+    assert [s["maj_first"][k]["mean"] for k in ("1", "2", "4")] == [0.0, 0.0, 0.5]
+    # lm-eval and Qwen: at k = 4 the two answerless samples form the largest class in p2.
+    for tool in ("lm-eval", "qwen-math"):
+        assert [s["compare"][tool][k]["mean"] for k in ("1", "2", "4")] == [0.0, 0.0, 0.0]
+    assert results["settings"]["compare_with"] == ["lm-eval", "qwen-math"]
+    rows = results["per_problem"]
+    assert rows[1]["maj_first"] == {"1": 0.0, "2": 0.0, "4": 1.0}
+    assert rows[1]["compare"]["lm-eval"] == {"1": 0.0, "2": 0.0, "4": 0.0}
+    text = markdown(results)
+    assert "## Maj@k of the first k samples" in text and "## Maj@k as lm-eval votes" in text
+    assert "'[invalid]'" in text and "## Maj@k as qwen-math votes" in text
+    assert "## Maj@k as lighteval votes" not in text
+
+
+def test_without_compare_with_there_is_no_compare_field() -> None:
+    results = _first_k_results([])
+    assert "compare" not in results["schedules"][0] and "compare" not in results["per_problem"][0]
+    assert results["settings"]["compare_with"] == []
+    assert "maj_first" in results["schedules"][0]
+
+
+def test_compare_with_needs_the_answers() -> None:
+    with pytest.raises(ValueError, match="extracted answers"):
+        summarize(config={}, schedules=SCHEDULES[:1], problem_ids=[], pools={}, samples={}, extraction_methods={},
+                  ns=[1], seed=0, compare_with=["lighteval"])
+
+
+def test_difference_table_has_first_k_columns_and_old_results_still_render() -> None:
+    results = _results(n_tokens=40)
+    text = markdown(results)
+    assert "| schedule | mean accuracy | Maj@1 | Maj@2 | Maj@4 | first-k Maj@1 | first-k Maj@2 | first-k Maj@4 |" in text
+    # results.json written before maj_first existed: the tables it has, no first-k ones.
+    for s in results["schedules"]:
+        s.pop("maj_first")
+        if s["vs_baseline"]:
+            s["vs_baseline"].pop("maj_first")
+    results["settings"].pop("compare_with")
+    old = markdown(results)
+    assert "## Maj@N" in old and "first k samples" not in old and "first-k Maj@" not in old

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ead_server.bench.metrics import TOOLS  # noqa: E402
 from ead_server.bench.summary import WARMUP_MAJORITY  # noqa: E402
 
 __all__ = ["write_report"]
@@ -43,6 +44,41 @@ def _warmup_notes(results: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _first_k_sections(results: dict[str, Any]) -> list[str]:
+    """The first-k tables: ours (``maj_first``) and one per ``--compare-with`` tool.
+
+    Results written before ``maj_first`` existed have neither, and get no section.
+    """
+    ns = results["settings"]["ns"]
+    scheds = results["schedules"]
+    lines: list[str] = []
+    if all("maj_first" in s for s in scheds):
+        lines += [
+            "## Maj@k of the first k samples",
+            "",
+            "The same vote over samples 0 .. k-1 only: what lighteval, lm-evaluation-harness and the "
+            "Qwen2.5-Math evaluation report. Same expectation as Maj@N above, more variance.",
+            "",
+            *_table(["schedule", *(f"k={n}" for n in ns)],
+                    [[s["label"], *(_ci(s["maj_first"][str(n)]) for n in ns)] for s in scheds]),
+            "",
+        ]
+    for tool in results["settings"].get("compare_with", []):
+        fallback = TOOLS[tool].fallback if tool in TOOLS else None
+        lines += [
+            f"## Maj@k as {tool} votes",
+            "",
+            "First k samples; classes are identical answer texts (no math-verify between answers); a sample "
+            f"without an answer votes as {fallback!r}; ties go to the answer seen first; the winner is graded "
+            "with math-verify.",
+            "",
+            *_table(["schedule", *(f"k={n}" for n in ns)],
+                    [[s["label"], *(_ci(s["compare"][tool][str(n)]) for n in ns)] for s in scheds]),
+            "",
+        ]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
     ns = results["settings"]["ns"]
@@ -62,6 +98,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *_table(["schedule", *(f"N={n}" for n in ns)], [[s["label"], *(_ci(s["maj"][str(n)]) for n in ns)] for s in scheds]),
         "",
+        *_first_k_sections(results),
         "## Pass@k",
         "",
         *_table(["schedule", *(f"k={n}" for n in ns)], [[s["label"], *(_ci(s["pass"][str(n)]) for n in ns)] for s in scheds]),
@@ -92,13 +129,15 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if len(scheds) > 1:
         base = scheds[0]["label"]
+        first = [n for n in ns if all("maj_first" in s["vs_baseline"] for s in scheds[1:])]
         lines += [
             f"## Difference to `{base}` (paired bootstrap)",
             "",
             *_table(
-                ["schedule", "mean accuracy", *(f"Maj@{n}" for n in ns)],
+                ["schedule", "mean accuracy", *(f"Maj@{n}" for n in ns), *(f"first-k Maj@{n}" for n in first)],
                 [[s["label"], _ci(s["vs_baseline"]["mean_accuracy"]),
-                  *(_ci(s["vs_baseline"]["maj"][str(n)]) for n in ns)] for s in scheds[1:]],
+                  *(_ci(s["vs_baseline"]["maj"][str(n)]) for n in ns),
+                  *(_ci(s["vs_baseline"]["maj_first"][str(n)]) for n in first)] for s in scheds[1:]],
             ),
             "",
         ]
@@ -122,23 +161,30 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path, series: list[tuple[str, str]], xlabel: str, ylabel: str,
-          title: str) -> None:
-    """One color per schedule; ``series`` are (metric key, line style), the first one labelled."""
+          title: str, bands: int | None = None) -> None:
+    """One color per schedule; ``series`` are (metric key, line style), the first one labelled.
+
+    The first ``bands`` series (all by default) get their bootstrap band; a series missing
+    from the results (written before it existed) is skipped."""
     ns = results["settings"]["ns"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, s in enumerate(results["schedules"]):
         color = colors[i % len(colors)]
         for j, (key, style) in enumerate(series):
+            if key not in s:
+                continue
             stats = [s[key][str(n)] for n in ns]
-            ax.plot(ns, [x["mean"] for x in stats], style, color=color, marker="o",
+            ax.plot(ns, [x["mean"] for x in stats], style, color=color, marker="o" if j == 0 else "x",
                     label=s["label"] if j == 0 else None)
-            ax.fill_between(ns, [x["ci_low"] for x in stats], [x["ci_high"] for x in stats], color=color, alpha=0.15)
+            if bands is None or j < bands:
+                ax.fill_between(ns, [x["ci_low"] for x in stats], [x["ci_high"] for x in stats], color=color,
+                                alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -154,7 +200,9 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     tmp.replace(paths[0])
     paths[1].write_text(markdown(results) + "\n")
     name = results["config"].get("model")
-    _plot(results, paths[2], [("maj", "-")], "N (samples voting)", "Maj@N", f"Majority vote, {name}")
+    # The first-k line gets no band: two bands a schedule would hide the lines.
+    _plot(results, paths[2], [("maj", "-"), ("maj_first", "--")], "N (samples voting)", "Maj@N",
+          f"Maj@N: subset average (solid, band), first N samples (dashed), {name}", bands=1)
     _plot(results, paths[3], [("pass", "-"), ("worst", "--")], "k (samples)", "Pass@k / Worst@k",
           f"Pass@k (solid) and Worst@k (dashed), {name}")
     return paths

@@ -20,7 +20,9 @@ from ead_server.bench.metrics import (
     bootstrap_indices,
     bootstrap_mean,
     majority_at_n,
+    majority_first_k,
     pass_at_k,
+    tool_first_k,
     vote,
     worst_at_k,
 )
@@ -80,9 +82,19 @@ def summarize(
     confidence: float = 0.95,
     maj_subsets: int = 1000,
     grading: Mapping[str, Any] | None = None,
+    answers: Mapping[tuple[str, str], Sequence[str | None]] | None = None,
+    compare_with: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The ``results.json`` document. ``pools``, ``samples`` and ``extraction_methods`` are
-    keyed by ``(problem_id, schedule label)`` and hold the pool in sample order."""
+    """The ``results.json`` document. ``pools``, ``samples``, ``extraction_methods`` and
+    ``answers`` (the extracted answer texts, needed only for ``compare_with``) are keyed by
+    ``(problem_id, schedule label)`` and hold the pool in sample order.
+
+    ``maj`` is the subset-averaged Maj@N, ``maj_first`` the vote of the first k samples
+    (what other tools report), and ``compare[tool]`` the first-k vote under each tool of
+    ``compare_with`` (see :data:`ead_server.bench.metrics.TOOLS`)."""
+    if compare_with and answers is None:
+        raise ValueError("compare_with needs the extracted answers")
+    answer_texts = answers or {}
     indices = bootstrap_indices(len(problem_ids), resamples, seed)
     per_problem: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
@@ -96,10 +108,17 @@ def summarize(
             pool = pools[(pid, schedule.label)]
             size, m = pool.size, pool.n_correct
             maj = {}
+            maj_first = {}
+            compare: dict[str, dict[int, float]] = {tool: {} for tool in compare_with}
             for n in ns:
                 rng = np.random.default_rng([seed, pi, si, n])
                 maj[n] = majority_at_n(pool, n, max_subsets=maj_subsets, rng=rng).value
                 v.setdefault(f"maj@{n}", []).append(maj[n])
+                maj_first[n] = float(majority_first_k(pool, n))
+                v.setdefault(f"maj_first@{n}", []).append(maj_first[n])
+                for tool in compare_with:
+                    compare[tool][n] = float(tool_first_k(answer_texts[(pid, schedule.label)], pool.correct, n, tool))
+                    v.setdefault(f"{tool}@{n}", []).append(compare[tool][n])
                 v.setdefault(f"pass@{n}", []).append(pass_at_k(size, m, n))
                 v.setdefault(f"worst@{n}", []).append(worst_at_k(size, m, n))
             classes = vote(pool, range(size))[1]
@@ -114,6 +133,9 @@ def summarize(
             per_problem.append({
                 "problem_id": pid, "schedule": schedule.label, "samples": size, "correct": m,
                 "classes": classes, "maj": {str(n): maj[n] for n in ns},
+                "maj_first": {str(n): maj_first[n] for n in ns},
+                **({"compare": {tool: {str(n): c[n] for n in ns} for tool, c in compare.items()}}
+                   if compare_with else {}),
             })
         values[schedule.label] = v
         entry: dict[str, Any] = {
@@ -123,6 +145,7 @@ def summarize(
             "samples": len(lengths),
             "mean_accuracy": _interval(v["accuracy"], indices, confidence),
             "maj": {str(n): _interval(v[f"maj@{n}"], indices, confidence) for n in ns},
+            "maj_first": {str(n): _interval(v[f"maj_first@{n}"], indices, confidence) for n in ns},
             "pass": {str(n): _interval(v[f"pass@{n}"], indices, confidence) for n in ns},
             "worst": {str(n): _interval(v[f"worst@{n}"], indices, confidence) for n in ns},
             "distinct_classes": _interval(v["classes"], indices, confidence),
@@ -133,6 +156,9 @@ def summarize(
             "anneal_end_token": anneal_end(schedule.resolved),
             "vs_baseline": None,
         }
+        if compare_with:
+            entry["compare"] = {tool: {str(n): _interval(v[f"{tool}@{n}"], indices, confidence) for n in ns}
+                                for tool in compare_with}
         entries.append(entry)
 
     base = schedules[0].label
@@ -143,6 +169,7 @@ def summarize(
             "baseline": base,
             "mean_accuracy": _interval(diff["accuracy"], indices, confidence),
             "maj": {str(n): _interval(diff[f"maj@{n}"], indices, confidence) for n in ns},
+            "maj_first": {str(n): _interval(diff[f"maj_first@{n}"], indices, confidence) for n in ns},
             "pass": {str(n): _interval(diff[f"pass@{n}"], indices, confidence) for n in ns},
         }
 
@@ -154,6 +181,7 @@ def summarize(
             "ns": list(ns),
             "bootstrap": {"resamples": resamples, "confidence": confidence, "seed": seed, "unit": "problem"},
             "maj_max_subsets": maj_subsets,
+            "compare_with": list(compare_with),
         },
         "n_problems": len(problem_ids),
         "grading": dict(grading or {}),
