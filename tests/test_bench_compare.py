@@ -216,3 +216,15 @@ def test_first_k_at_the_ends(graded) -> None:
         majority_first_k(pool, pool.size + 1)
     with pytest.raises(ValueError):
         tool_first_k(answers, pool.correct, 0, "lm-eval")
+
+
+def test_compare_with_flag_is_repeatable_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from ead_server.bench.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["majority", "--compare-with", "lm-eval", "--compare-with", "qwen-math"])
+    assert args.compare_with == ["lm-eval", "qwen-math"]
+    assert parser.parse_args(["majority"]).compare_with == []
+    with pytest.raises(SystemExit):
+        parser.parse_args(["majority", "--compare-with", "verl"])
+    assert "invalid choice: 'verl'" in capsys.readouterr().err

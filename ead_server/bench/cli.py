@@ -47,6 +47,7 @@ from ead_server.bench.datasets import (
 from ead_server.bench.generate import GenerationError, detect_api, generate, plan_jobs, resolve_model
 from ead_server.bench import overhead
 from ead_server.bench.grading import GradeCache, GradingPool, extract_answer, grade_pools
+from ead_server.bench.metrics import TOOLS
 from ead_server.bench.report import write_report
 from ead_server.bench.server import ServerError, embedded_server
 from ead_server.bench.store import SampleStore, StoreError
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--maj-subsets", type=int, default=1000,
                     help="Maj@N averages over all size-N subsets when there are at most this many, else over "
                          "this many random ones")
+    ev.add_argument("--compare-with", action="append", default=[], choices=sorted(TOOLS), metavar="TOOL",
+                    help="repeatable; also report first-k Maj@k exactly as TOOL votes ("
+                         + ", ".join(sorted(TOOLS)) + "): answers compared as strings, answerless samples "
+                         "voting; see docs/benchmark.md")
     p.add_argument("--out", type=Path, default=Path("runs/majority"), help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -235,6 +240,8 @@ def _grade_and_report(args: argparse.Namespace, config: dict[str, Any], problems
         config=config, schedules=schedules, problem_ids=[p.id for p in problems], pools=pools, samples=samples,
         extraction_methods={k: [e.method for e in ex] for k, ex in extracted.items()}, ns=args.ns, seed=args.seed,
         resamples=args.bootstrap, maj_subsets=args.maj_subsets, grading=grading,
+        answers={k: [e.answer for e in ex] for k, ex in extracted.items()},
+        compare_with=list(dict.fromkeys(args.compare_with)),
     )
     paths = write_report(results, args.out)
     return paths[1]
