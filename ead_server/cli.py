@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "below is passed through; the ead-server options come first.",
     )
     vllm_adapter.add_engine_arguments(serve)
-    ours = serve.add_argument_group("ead-server")
+    ours = serve.add_argument_group(
+        "ead-server", "keys come from the environment, where no process list shows them: $VLLM_API_KEY "
+                      "(read by vLLM in place of --api-key: /v1 routes then need 'Authorization: Bearer KEY') "
+                      "and $EAD_ADMIN_KEY (--admin-key)")
     ours.add_argument("--admin-key", default=os.environ.get("EAD_ADMIN_KEY"),
                       help="bearer key for admin routes (weight reload); default $EAD_ADMIN_KEY")
     ours.add_argument("--weights-root", type=Path, default=None,
