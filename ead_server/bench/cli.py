@@ -49,7 +49,7 @@ from ead_server.bench import overhead
 from ead_server.bench.grading import GradeCache, GradingPool, extract_answer, grade_pools
 from ead_server.bench.metrics import TOOLS
 from ead_server.bench.report import write_report
-from ead_server.bench.server import ServerError, embedded_server
+from ead_server.launcher import LaunchError, launch, serve_command
 from ead_server.bench.store import SampleStore, StoreError
 from ead_server.bench.summary import summarize
 from ead_server.schedule import ScheduleError
@@ -168,8 +168,8 @@ def _server(args: argparse.Namespace) -> Iterator[str]:
         return
     print("ead-bench: starting the embedded ead-server (log: "
           f"{args.out / 'server.log'})", file=sys.stderr)
-    with embedded_server(args.out / "server.log", model=args.model, extra_args=args.server_arg) as url:
-        yield url
+    with launch(serve_command(args.model, args.server_arg), args.out / "server.log") as server:
+        yield server.base_url
 
 
 def _needs_server(args: argparse.Namespace, stored: dict[str, Any] | None, store: SampleStore,
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ead-bench: interrupted; the samples stored so far are kept, rerun to resume", file=sys.stderr)
         return 130
-    except (ConfigMismatch, DatasetError, GenerationError, ServerError, StoreError) as exc:
+    except (ConfigMismatch, DatasetError, GenerationError, LaunchError, StoreError) as exc:
         print(f"ead-bench: error: {exc}", file=sys.stderr)
         return 1
 

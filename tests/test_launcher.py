@@ -1,4 +1,4 @@
-"""The embedded-server lifecycle of ``ead-bench``, with a stand-in server (no engine)."""
+"""The server launcher's lifecycle, with a stand-in server (no engine)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ead_server.bench.server import ServerError, embedded_server, serve_command
+from ead_server.launcher import LaunchError, launch, serve_command
 
 # Answers /health after a short start-up, like the real server; forks a child, like the
 # engine's worker processes, to check that the whole process group is stopped.
@@ -57,11 +57,11 @@ def _wait_dead(pids: list[int], timeout: float = 10.0) -> bool:
 
 
 def test_default_command_runs_the_ead_server_cli() -> None:
-    cmd = serve_command(8123, "/models/x")
+    cmd = serve_command("/models/x")
     assert cmd[:3] == [sys.executable, "-m", "ead_server.cli"]
-    assert cmd[3:] == ["serve", "--port", "8123", "--host", "127.0.0.1", "--model", "/models/x"]
-    assert "--model" not in serve_command(8123, None)
-    assert serve_command(8123, None, ["--dtype=float32"])[-1] == "--dtype=float32"
+    assert cmd[3:] == ["serve", "--port", "{port}", "--host", "127.0.0.1", "--model", "/models/x"]
+    assert "--model" not in serve_command(None)
+    assert serve_command(None, ["--dtype=float32"])[-1] == "--dtype=float32"
 
 
 @pytest.mark.parametrize("fail", [False, True])
@@ -70,9 +70,9 @@ def test_server_is_up_inside_and_stopped_after(tmp_path: Path, fail: bool) -> No
     script.write_text(FAKE_SERVER)
     command = [sys.executable, str(script), "{port}", str(pidfile)]
     with pytest.raises(RuntimeError, match="boom") if fail else contextlib.nullcontext():
-        with embedded_server(tmp_path / "server.log", command=command, startup_timeout=30) as url:
-            assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
-            assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200
+        with launch(command, tmp_path / "server.log", startup_timeout=30) as server:
+            assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
+            assert httpx.get(f"{server.url}/health").status_code == 200
             pids = [int(p) for p in pidfile.read_text().split()]
             if fail:
                 raise RuntimeError("boom")
@@ -81,7 +81,7 @@ def test_server_is_up_inside_and_stopped_after(tmp_path: Path, fail: bool) -> No
 
 def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path: Path) -> None:
     command = [sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"]
-    with pytest.raises(ServerError, match="(?s)exited with code 3.*no model here"):
-        with embedded_server(tmp_path / "server.log", command=command, startup_timeout=30):
+    with pytest.raises(LaunchError, match="(?s)exited with code 3.*no model here"):
+        with launch(command, tmp_path / "server.log", startup_timeout=30):
             pass
 
