@@ -21,6 +21,7 @@ constant   ``tau`` for every token (no warm-up)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Annotated, Any, Literal
@@ -161,12 +162,45 @@ class ResolvedSchedule(_Strict):
         spec.pop("decay" if self.decay_schedule is not None else "decay_schedule", None)
         return spec
 
+    @property
+    def scale(self) -> float:
+        """``k * d``: the exponent's time constant, ``exp(t / scale)``."""
+        return self.time_scale * self.decay
+
+    def kernel_params(self) -> dict[str, float]:
+        """The numbers the sampling kernel needs, named as its ``PARAM_COLUMNS``.
+
+        The adapter packs them by name, so neither side depends on a column order.
+        """
+        return {"tau_max": self.tau_max, "tau_min": self.tau_min, "tau": self.tau,
+                "warmup": float(self.warmup), "scale": self.scale}
+
     def temperature(self, t: int) -> float:
         """Temperature of the token sampled after ``t`` generated tokens."""
         return schedule_temperature(
             self.type, t, tau_max=self.tau_max, tau_min=self.tau_min, tau=self.tau,
-            warmup=self.warmup, scale=self.time_scale * self.decay,
+            warmup=self.warmup, scale=self.scale,
         )
+
+    def anneal_end(self) -> int | None:
+        """The first ``t`` at which an annealed schedule sits at its final temperature
+        (``tau_min`` for ``ead``, ``tau_max`` for ``reverse``); ``None`` for ``constant``.
+
+        Closed form: ``exp(t / scale)`` reaches ``1 + tau_max - tau_min`` (ead) or
+        ``tau_max - tau_min`` (reverse) at ``t* = scale * log(.)``; the answer is
+        ``max(warmup, ceil(t*))``, nudged by a step where float rounding of the
+        schedule itself decides, so it agrees with :meth:`temperature` exactly.
+        """
+        if self.type == "constant":
+            return None
+        final, gap = (self.tau_min, 1.0 + self.tau_max - self.tau_min) if self.type == "ead" else (
+            self.tau_max, self.tau_max - self.tau_min)
+        t = self.warmup if gap <= 0 else max(self.warmup, math.ceil(self.scale * math.log(gap)))
+        while t > self.warmup and self.temperature(t - 1) == final:
+            t -= 1
+        while self.temperature(t) != final:
+            t += 1
+        return t
 
     def temperatures(self, n: int) -> list[float]:
         """Temperatures of the first ``n`` tokens of a completion."""
@@ -220,10 +254,7 @@ def parse_schedule(value: TemperatureSchedule | dict[str, Any] | str) -> Resolve
     names the field.
     """
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ScheduleError("", f"temperature_schedule is not valid JSON: {exc}") from None
+        return _parse_json(value)
     if isinstance(value, TemperatureSchedule):
         return value.resolve()
     if not isinstance(value, dict):
@@ -235,3 +266,16 @@ def parse_schedule(value: TemperatureSchedule | dict[str, Any] | str) -> Resolve
         raise ScheduleError(".".join(str(p) for p in err["loc"]), err["msg"]) from None
     return spec.resolve()
 
+
+@functools.lru_cache(maxsize=4096)
+def _parse_json(text: str) -> ResolvedSchedule:
+    """The string form, parsed once: one request's schedule is parsed by the middleware,
+    by ``validate_params`` and by the processor, and a trainer sends the same string for
+    a whole step. Bounded, because ``decay_schedule.step`` makes a new string every
+    training step; results are frozen, so sharing them is safe. Errors are not cached.
+    """
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ScheduleError("", f"temperature_schedule is not valid JSON: {exc}") from None
+    return parse_schedule(value)

@@ -19,7 +19,7 @@ from ead_server.bench.metrics import (
     vote,
     worst_at_k,
 )
-from ead_server.bench.summary import anneal_end, token_shares
+from ead_server.bench.summary import token_shares
 from ead_server.schedule import parse_schedule
 
 
@@ -208,10 +208,3 @@ def test_token_shares_follow_the_schedule_module() -> None:
     assert shares["cold"] > 0
     constant = token_shares(parse_schedule({"type": "constant", "tau": 0.6}), [5, 7])
     assert constant == {"tokens": 12, "warmup": 0.0, "hot": 0.0, "cold": 1.0}
-
-
-def test_anneal_end_is_where_the_schedule_reaches_its_floor() -> None:
-    ead = parse_schedule({"type": "ead", "preset": "paper", "decay": 25})
-    t = anneal_end(ead)
-    assert t is not None and ead.temperature(t) == ead.tau_min and ead.temperature(t - 1) > ead.tau_min
-    assert anneal_end(parse_schedule({"type": "constant", "tau": 1.0})) is None

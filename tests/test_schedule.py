@@ -153,3 +153,52 @@ def test_step_aware_decay(d0, alpha, d_max, step):
     assert effective_decay(d0, alpha, d_max, step + 1) >= d
     resolved = parse_schedule({"decay_schedule": {"d0": d0, "alpha": alpha, "d_max": d_max, "step": step}})
     assert resolved.decay == d
+
+
+def _anneal_end_by_steps(resolved, horizon: int = 200_000):
+    """The definition, token by token: the first t >= warmup at the final temperature."""
+    final = resolved.tau_min if resolved.type == "ead" else resolved.tau_max
+    return next((t for t in range(resolved.warmup, horizon) if resolved.temperature(t) == final), None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["ead", "reverse"]), tau_max=st.floats(0.05, 3.0), tau_min_frac=st.floats(0.0, 1.0),
+       warmup=st.integers(0, 60), k=st.sampled_from([1.0, 20.0]), d=st.floats(0.1, 60.0))
+def test_anneal_end_closed_form_agrees_with_stepping(kind, tau_max, tau_min_frac, warmup, k, d):
+    tau_min = max(tau_max * tau_min_frac, 1e-3)
+    resolved = parse_schedule({"type": kind, "tau_max": tau_max, "tau_min": min(tau_min, tau_max),
+                               "warmup": warmup, "time_scale": k, "decay": d})
+    assert resolved.anneal_end() == _anneal_end_by_steps(resolved)
+
+
+def test_anneal_end_of_the_presets():
+    ead = parse_schedule({"type": "ead", "preset": "paper", "decay": 25})
+    t = ead.anneal_end()
+    assert t is not None and ead.temperature(t) == ead.tau_min and ead.temperature(t - 1) > ead.tau_min
+    assert t == math.ceil(25 * math.log(1 + 1.2 - 0.1))  # 19: "about 18 tokens" (SPEC section 1)
+    assert parse_schedule({"preset": "released-code", "decay": 25}).anneal_end() == 371
+    assert parse_schedule({"type": "constant", "tau": 1.0}).anneal_end() is None
+
+
+def test_kernel_params_are_named_like_the_kernel_columns():
+    pytest.importorskip("torch")
+    from ead_kernels import PARAM_COLUMNS
+
+    resolved = parse_schedule({"type": "reverse", "warmup": 4, "time_scale": 20, "decay": 3})
+    params = resolved.kernel_params()
+    assert tuple(params) == PARAM_COLUMNS
+    assert params["scale"] == 60.0 and params["warmup"] == 4.0
+
+
+def test_the_json_form_is_parsed_once_and_the_cache_is_bounded():
+    from ead_server import schedule as S
+
+    text = json.dumps({"type": "ead", "decay_schedule": {"step": 123456}})
+    assert parse_schedule(text) is parse_schedule(text)  # one frozen object, shared
+    with pytest.raises(ScheduleError):
+        parse_schedule('{"type": "nope"}')
+    info = S._parse_json.cache_info()
+    assert info.maxsize is not None and info.maxsize <= 10_000
+    for step in range(info.maxsize + 10):  # a long training run: one new string per step
+        parse_schedule(json.dumps({"decay_schedule": {"step": step}}))
+    assert S._parse_json.cache_info().currsize == info.maxsize

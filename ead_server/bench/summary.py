@@ -51,19 +51,6 @@ def token_shares(resolved: ResolvedSchedule, lengths: Sequence[int]) -> dict[str
     return {"tokens": total, **{name: float(sum(p[n] for n in lengths) / total) for name, p in prefix.items()}}
 
 
-def anneal_end(resolved: ResolvedSchedule, horizon: int = 100_000) -> int | None:
-    """The first token index at which an annealed schedule has reached its final temperature."""
-    if resolved.type == "constant":
-        return None
-    final = resolved.tau_min if resolved.type == "ead" else resolved.tau_max
-    t = resolved.warmup
-    while t < horizon:
-        if resolved.temperature(t) == final:
-            return t
-        t += 1
-    return None
-
-
 def _interval(values: Sequence[float], indices: np.ndarray, confidence: float) -> dict[str, float]:
     return bootstrap_mean(values, indices, confidence).as_dict()
 
@@ -153,7 +140,7 @@ def summarize(
             "finish_reasons": dict(finish),
             "extraction": dict(methods),
             "token_shares": token_shares(schedule.resolved, lengths),
-            "anneal_end_token": anneal_end(schedule.resolved),
+            "anneal_end_token": schedule.resolved.anneal_end(),
             "vs_baseline": None,
         }
         if compare_with:
