@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ead_server.errors import APIError
 
@@ -91,16 +92,45 @@ def check_compatible(candidate: Path, serving: Path) -> dict[str, tuple[str, tup
     return table
 
 
-def stage_tied_head(folder: Path, table: dict[str, tuple[str, tuple[int, ...]]]) -> tempfile.TemporaryDirectory | None:
-    """For tied-embedding checkpoints saved without ``lm_head.weight``: a staging folder
-    that links the checkpoint's files and adds the head as a copy of the embeddings.
+def needs_tied_head(folder: Path, table: dict[str, tuple[str, tuple[int, ...]]]) -> bool:
+    """The tied-head rule: a tied-embedding checkpoint saved without ``lm_head.weight``.
 
-    vLLM's in-place reload of such a checkpoint left the head stale (1.3 nats off on
-    SmolLM2); with the head present it is exact. ``None`` when nothing is needed.
+    transformers omits the head when it saves a tied model, and vLLM's in-place reload
+    of such a checkpoint left the head stale (1.3 nats off on SmolLM2); with the head
+    present as a copy of the embeddings it is exact. Normal loads skip the extra tensor
+    (vLLM and transformers both re-tie the head).
     """
-    if LM_HEAD in table or EMBED not in table or not architecture(folder).get("tie_word_embeddings"):
-        return None
+    return LM_HEAD not in table and EMBED in table and bool(architecture(folder).get("tie_word_embeddings"))
+
+
+def _head_from(file: Path) -> dict[str, Any] | None:
+    """``{lm_head.weight: copy of the embeddings}`` if ``file`` holds the embeddings."""
     from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return {LM_HEAD: f.get_tensor(EMBED).clone()} if EMBED in f.keys() else None
+
+
+def add_tied_head(folder: Path) -> None:
+    """Write the head into a single-file checkpoint in place, if the rule asks for it.
+
+    For checkpoints this project writes itself (the default model's conversion).
+    """
+    if not needs_tied_head(folder, tensor_table(folder)):
+        return
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    tensors.update(_head_from(weights) or {})
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
+def stage_tied_head(folder: Path, table: dict[str, tuple[str, tuple[int, ...]]]) -> tempfile.TemporaryDirectory | None:
+    """For a reload the rule applies to: a staging folder that links the checkpoint's
+    files and adds the head as one more file. ``None`` when nothing is needed."""
+    if not needs_tied_head(folder, table):
+        return None
     from safetensors.torch import save_file
 
     staging = tempfile.TemporaryDirectory(prefix="ead-reload-")
@@ -109,9 +139,9 @@ def stage_tied_head(folder: Path, table: dict[str, tuple[str, tuple[int, ...]]])
         if file.is_file():
             os.symlink(file, stage / file.name)
     for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            if EMBED in f.keys():
-                save_file({LM_HEAD: f.get_tensor(EMBED).clone()}, str(stage / "ead-tied-lm-head.safetensors"))
+        head = _head_from(file)
+        if head is not None:
+            save_file(head, str(stage / "ead-tied-lm-head.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.exists():
         data = json.loads(index.read_text())

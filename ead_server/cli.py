@@ -30,9 +30,10 @@ def _on_cpu() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ead_server import vllm_adapter
+    from ead_server.default_model import SERVE_DTYPE
+    from ead_server.vllm_adapter import serving
 
-    parser_class = vllm_adapter.argument_parser_class()
+    parser_class = serving.argument_parser_class()
     parser = parser_class(
         prog="ead-server", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model through vLLM's OpenAI server extended with EAD. Every vLLM engine flag "
                     "below is passed through; the ead-server options come first.",
     )
-    vllm_adapter.add_engine_arguments(serve)
+    serving.add_engine_arguments(serve)
     ours = serve.add_argument_group(
         "ead-server", "keys come from the environment, where no process list shows them: $VLLM_API_KEY "
                       "(read by vLLM in place of --api-key: /v1 routes then need 'Authorization: Bearer KEY') "
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         # float32, which these AVX2 machines run twice as fast as bfloat16; and no chunked
         # prefill: vLLM rewinds the generator of a seeded request whose prefill was split,
         # which CPU generators cannot do ("CPU Generator does not use offset").
-        **({"enforce_eager": True, "dtype": "float32", "enable_chunked_prefill": False} if cpu else {}),
+        **({"enforce_eager": True, "dtype": SERVE_DTYPE, "enable_chunked_prefill": False} if cpu else {}),
     )
 
     prepare = commands.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct once")
@@ -71,12 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ead_server import vllm_adapter
     from ead_server.default_model import DEFAULT_MODEL_NAME, prepare_default_model
-    from ead_server.server import ServerConfig, extend_app
+    from ead_server.vllm_adapter import serving
+    from ead_server.vllm_adapter.engine import LOGPROBS_MODE
 
-    if args.logprobs_mode != vllm_adapter.LOGPROBS_MODE:
-        print(f"ead-server: --logprobs-mode must be {vllm_adapter.LOGPROBS_MODE} so that returned log-probs are "
+    if args.logprobs_mode != LOGPROBS_MODE:
+        print(f"ead-server: --logprobs-mode must be {LOGPROBS_MODE} so that returned log-probs are "
               f"the behaviour log-probs", file=sys.stderr)
         return 2
     # vLLM's parser takes the model positionally (``model_tag``) and maps ``--model`` onto it.
@@ -86,8 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.served_model_name = args.served_model_name or [DEFAULT_MODEL_NAME]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    config = ServerConfig(model_path=args.model, admin_key=args.admin_key, weights_root=args.weights_root)
-    vllm_adapter.run_server(args, lambda app, engine: extend_app(app, engine, config))
+    serving.serve(args)
     return 0
 
 

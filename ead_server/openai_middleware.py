@@ -25,7 +25,8 @@ from typing import Any
 from prometheus_client import Counter
 
 from ead_server.errors import APIError
-from ead_server.schedule import ResolvedSchedule, ScheduleError, parse_schedule
+from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY, PolicyError, check_temperature, resolve_schedule
+from ead_server.schedule import ResolvedSchedule
 from ead_server.weight_gate import WeightGate
 
 Scope = MutableMapping[str, Any]
@@ -35,12 +36,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
-SCHEDULE_FIELD = "temperature_schedule"
-
-# Sampling settings a scheduled request gets unless it sets them (SPEC section 1): no
-# truncation and no penalties, whatever the model's generation_config suggests.
-NEUTRAL_SAMPLING = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-                    "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 REQUESTS = Counter(
     "ead_requests", "Completion and chat requests by temperature schedule type.", ["endpoint", "schedule_type"]
@@ -50,27 +45,23 @@ REQUESTS = Counter(
 def prepare_request(payload: dict[str, Any]) -> ResolvedSchedule | None:
     """Validate and rewrite a request body in place; returns its schedule, if any.
 
-    Raises :class:`APIError` (400) naming the offending field.
+    Raises :class:`APIError` (400) naming the offending field; the rules themselves are
+    :mod:`ead_server.request_policy`'s.
     """
     xargs = payload.get("vllm_xargs")
-    from_xargs = xargs.get(SCHEDULE_FIELD) if isinstance(xargs, dict) else None
-    raw = payload.pop(SCHEDULE_FIELD, None)
+    from_xargs = xargs.get(SCHEDULE_KEY) if isinstance(xargs, dict) else None
+    raw = payload.pop(SCHEDULE_KEY, None)
     if raw is not None and from_xargs is not None:
         raise APIError(400, "give the schedule once: either temperature_schedule or vllm_xargs.temperature_schedule",
-                       SCHEDULE_FIELD)
-    prefix = SCHEDULE_FIELD if from_xargs is None else f"vllm_xargs.{SCHEDULE_FIELD}"
-    raw = from_xargs if raw is None else raw
-    if raw is None:
-        return None
+                       SCHEDULE_KEY)
+    key = SCHEDULE_KEY if from_xargs is None else f"vllm_xargs.{SCHEDULE_KEY}"
     try:
-        schedule = parse_schedule(raw)
-    except ScheduleError as exc:
-        raise APIError(400, f"invalid {prefix}: {exc.message}", f"{prefix}.{exc.param}".rstrip(".")) from None
-    temperature = payload.get("temperature")
-    if temperature is not None and temperature != 1:
-        why = "greedy decoding (temperature 0) ignores it" if temperature == 0 else "both would set the temperature"
-        raise APIError(400, f"temperature_schedule sets every token's temperature, so temperature must be unset "
-                            f"or 1.0 ({why}); got temperature={temperature!r}", "temperature")
+        schedule = resolve_schedule(from_xargs if raw is None else raw, key)
+        if schedule is None:
+            return None
+        check_temperature(payload.get("temperature"))
+    except PolicyError as exc:
+        raise APIError(400, exc.message, exc.param) from None
     if payload.get("echo") and payload.get("logprobs") is not None:
         raise APIError(400, "echo with logprobs is not supported together with temperature_schedule", "echo")
     payload["temperature"] = 1.0
@@ -78,7 +69,7 @@ def prepare_request(payload: dict[str, Any]) -> ResolvedSchedule | None:
         if payload.get(field) is None:
             payload[field] = value
     payload["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}),
-                             SCHEDULE_FIELD: json.dumps(schedule.as_request())}
+                             SCHEDULE_KEY: json.dumps(schedule.as_request())}
     return schedule
 
 
@@ -101,7 +92,7 @@ class _Decorator:
         for choice in obj.get("choices") or ():
             index = choice.get("index", 0)
             if index not in self.offsets:
-                choice[SCHEDULE_FIELD] = self.echo
+                choice[SCHEDULE_KEY] = self.echo
                 self.offsets[index] = 0
             logprobs = choice.get("logprobs")
             if not logprobs:

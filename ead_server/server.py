@@ -1,28 +1,33 @@
 """ead-server's additions to vLLM's OpenAI app: middleware, rollouts and weight routes.
 
-:func:`extend_app` is the one hook the adapter calls between building vLLM's app and
-serving it. Auth follows vLLM's: ``--api-key`` guards ``/v1`` routes (vLLM's own
-middleware); ``--admin-key`` additionally guards the admin route, as a dependency.
+vLLM calls them through our endpoint plugin (``ead_server.vllm_adapter.serving``):
+:func:`attach` while it builds the app, :func:`init_state` once the engine exists. Auth
+follows vLLM's: ``--api-key`` guards ``/v1`` routes (vLLM's own middleware);
+``--admin-key`` additionally guards the admin route, as a dependency.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hmac
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from starlette.middleware import Middleware
+from starlette.datastructures import State
 
-from ead_server import __version__, vllm_adapter
+from ead_server import __version__
 from ead_server.checkpoints import check_compatible, resolve_under, stage_tied_head
 from ead_server.errors import APIError
 from ead_server.openai_middleware import REQUESTS, ScheduleMiddleware
 from ead_server.protocol import ReloadRequest, Rollout, RolloutRequest, RolloutResponse, WeightsInfo
-from ead_server.schedule import ResolvedSchedule, ScheduleError
+from ead_server.request_policy import PolicyError, resolve_schedule
+from ead_server.schedule import ResolvedSchedule
+from ead_server.vllm_adapter import engine as vllm_engine
 from ead_server.weight_gate import WeightGate
 
 
@@ -32,20 +37,34 @@ class ServerConfig:
     admin_key: str | None = None
     weights_root: Path | None = None
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
+        """From ``ead-server serve``'s flags, or, under stock ``vllm serve`` (which lacks
+        them), from ``$EAD_ADMIN_KEY`` and ``$EAD_WEIGHTS_ROOT``."""
+        admin_key = getattr(args, "admin_key", None) or os.environ.get("EAD_ADMIN_KEY")
+        root = getattr(args, "weights_root", None) or os.environ.get("EAD_WEIGHTS_ROOT")
+        return cls(model_path=args.model, admin_key=admin_key, weights_root=Path(root) if root else None)
 
-def extend_app(app: FastAPI, engine: Any, config: ServerConfig) -> None:
-    gate = WeightGate(path=config.model_path)
-    app.state.ead = _State(engine=engine, config=config, gate=gate)
-    # Innermost, so vLLM's auth middleware answers unauthenticated requests first.
-    app.user_middleware.append(Middleware(ScheduleMiddleware, gate=gate))
+
+def attach(app: FastAPI) -> None:
+    """Add our routes, error handler and middleware while vLLM builds its app.
+
+    vLLM adds its own middleware (auth, CORS, ...) after this, each outside the ones
+    before it, so ours is innermost: vLLM's auth answers unauthenticated requests first.
+    Our ``/version`` replaces vLLM's (vLLM lets plugin routes win).
+    """
+    gate = WeightGate()
+    app.state.ead_gate = gate
+    app.add_middleware(ScheduleMiddleware, gate=gate)
     app.add_exception_handler(APIError, lambda _request, exc: exc.response())
     app.include_router(router)
-    # Our /version replaces vLLM's (it adds our version): move our route to the front.
-    ours = next(r for r in app.router.routes if getattr(r, "endpoint", None) is version)
-    app.router.routes.remove(ours)
-    app.router.routes.insert(0, ours)
-    # vLLM's SageMaker bootstrap has already built the middleware stack: build it again.
-    app.middleware_stack = app.build_middleware_stack()
+
+
+def init_state(engine: Any, state: State, args: argparse.Namespace) -> None:
+    """Give the routes the engine and the configuration, once the engine exists."""
+    config = ServerConfig.from_args(args)
+    state.ead_gate.path = config.model_path
+    state.ead = _State(engine=engine, config=config, gate=state.ead_gate)
 
 
 @dataclass
@@ -73,7 +92,7 @@ router = APIRouter()
 
 @router.get("/version")
 async def version() -> dict[str, str]:
-    return {"version": vllm_adapter.vllm_version(), "ead_server": __version__}
+    return {"version": vllm_engine.vllm_version(), "ead_server": __version__}
 
 
 @router.get("/v1/weights", response_model=WeightsInfo)
@@ -110,7 +129,7 @@ async def reload(body: ReloadRequest, state: _State = Depends(_state)) -> Weight
 async def _load(engine: Any, folder: Path, table: dict) -> None:
     staging = stage_tied_head(folder, table)
     try:
-        await vllm_adapter.reload_weights(engine, staging.name if staging else str(folder))
+        await vllm_engine.reload_weights(engine, staging.name if staging else str(folder))
     finally:
         if staging:
             staging.cleanup()
@@ -120,9 +139,9 @@ async def _load(engine: Any, folder: Path, table: dict) -> None:
 async def rollouts(body: RolloutRequest, state: _State = Depends(_state)) -> RolloutResponse:
     """Token-level rollouts with behaviour (and optionally target) log-probs."""
     try:
-        schedule = body.temperature_schedule.resolve() if body.temperature_schedule else None
-    except ScheduleError as exc:
-        raise APIError(400, exc.message, f"temperature_schedule.{exc.param}") from None
+        schedule = resolve_schedule(body.temperature_schedule)
+    except PolicyError as exc:
+        raise APIError(400, exc.message, exc.param) from None
     REQUESTS.labels("rollouts", schedule.type if schedule else "none").inc()
     tokenizer = state.engine.get_tokenizer()
     prompts = body.prompts if body.prompts is not None else body.messages
@@ -152,21 +171,21 @@ async def _rollouts_for_prompt(
     engine: Any, index: int, prompt_ids: list[int], seed: int | None, schedule: ResolvedSchedule | None,
     body: RolloutRequest,
 ) -> list[Rollout]:
-    params = vllm_adapter.rollout_params(n=body.n, max_tokens=body.max_tokens, stop=body.stop, seed=seed,
+    params = vllm_engine.rollout_params(n=body.n, max_tokens=body.max_tokens, stop=body.stop, seed=seed,
                                          top_p=body.top_p, top_k=body.top_k, schedule=schedule)
     request_id = f"rollout-{uuid.uuid4().hex}"
-    output = await vllm_adapter.generate(engine, prompt_ids, params, request_id)
+    output = await vllm_engine.generate(engine, prompt_ids, params, request_id)
     completions = sorted(output.outputs, key=lambda c: c.index)
     targets: list[list[float] | None] = [None] * len(completions)
     if body.return_target_logprobs:
         targets = await asyncio.gather(*(
-            vllm_adapter.target_logprobs(engine, prompt_ids, list(c.token_ids), f"{request_id}-score-{c.index}")
+            vllm_engine.target_logprobs(engine, prompt_ids, list(c.token_ids), f"{request_id}-score-{c.index}")
             for c in completions
         ))
     return [
         Rollout(
             prompt_index=index, sample_index=c.index, prompt_token_ids=prompt_ids, token_ids=list(c.token_ids),
-            text=c.text, finish_reason=c.finish_reason, behavior_logprobs=vllm_adapter.completion_logprobs(c),
+            text=c.text, finish_reason=c.finish_reason, behavior_logprobs=vllm_engine.completion_logprobs(c),
             temperatures=schedule.temperatures(len(c.token_ids)) if schedule else [1.0] * len(c.token_ids),
             target_logprobs=target,
         )

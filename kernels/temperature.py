@@ -1,13 +1,24 @@
 """Per-row scheduled temperature: the one op EAD adds to a sampling step.
 
 Every row of a batch may follow its own schedule (SPEC section 1) and sits at its own
-position ``t``, so the temperature is a function of ``(t, kind, params)`` per row. The
-rows are described by three small device tensors that the engine keeps up to date:
+position ``t``, so the temperature is a function of ``(t, kind, params)`` per row. A
+schedule is a *kind* and a *params* row:
 
-* ``positions`` int ``[B]``: ``t``, the tokens the completion generated before this one;
-* ``kinds`` int ``[B]``: ``KIND_NONE`` / ``KIND_EAD`` / ``KIND_REVERSE`` / ``KIND_CONSTANT``;
-* ``params`` float64 ``[B, NUM_PARAMS]``: ``tau_max, tau_min, tau, warmup, scale`` with
-  ``scale = time_scale * decay``.
+* ``kinds`` int: ``KIND_NONE`` / ``KIND_EAD`` / ``KIND_REVERSE`` / ``KIND_CONSTANT``;
+* ``params`` float64 ``[., NUM_PARAMS]``, columns named by :data:`PARAM_COLUMNS`
+  (``tau_max, tau_min, tau, warmup, scale`` with ``scale = time_scale * decay``).
+  ``ead_server.schedule.ResolvedSchedule.kernel_params`` fills a row by these names.
+
+Two batch layouts, one per vLLM model runner:
+
+* rows (V1 runner): row ``i`` of the logits owns ``kinds[i]``, ``params[i]`` and
+  ``positions[i] = t``, kept up to date by the engine (:func:`apply_schedule_`);
+* slots (V2 runner): a row is not a request. ``slots[i]`` is row ``i``'s persistent
+  request slot, which owns ``kinds``, ``params`` and ``prompt_len``, and the row's
+  position in its sequence ``pos[i]`` gives ``t = pos[i] + 1 - prompt_len[slot]``: right
+  after preemption, and for the several rows of a request under speculative decoding
+  (:func:`apply_schedule_slots_`). Rows of an unfinished chunked prefill have ``t < 0``;
+  they are not sampled, and get ``t = 0``'s finite, positive temperature.
 
 Two implementations with one rounding recipe, so that they agree bit for bit:
 
@@ -27,7 +38,7 @@ needs torch alone, and ``TRITON_INTERPRET`` only has to be set before that first
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,16 +47,20 @@ __all__ = [
     "KIND_EAD",
     "KIND_NONE",
     "KIND_REVERSE",
+    "KINDS",
     "NUM_PARAMS",
     "P_SCALE",
     "P_TAU",
     "P_TAU_MAX",
     "P_TAU_MIN",
     "P_WARMUP",
+    "PARAM_COLUMNS",
     "apply_schedule_",
+    "apply_schedule_slots_",
     "apply_schedule_torch_",
     "apply_schedule_triton_",
     "schedule_temperatures",
+    "slot_positions",
     "triton_available",
 ]
 
@@ -53,7 +68,11 @@ KIND_NONE = 0  # row untouched: no schedule (or a greedy row)
 KIND_EAD = 1
 KIND_REVERSE = 2
 KIND_CONSTANT = 3
-NUM_PARAMS = 5  # params columns, in this order:
+KINDS = {"ead": KIND_EAD, "reverse": KIND_REVERSE, "constant": KIND_CONSTANT}
+"""Kind number of each schedule ``type``."""
+PARAM_COLUMNS = ("tau_max", "tau_min", "tau", "warmup", "scale")
+"""The names of the ``params`` columns, in order."""
+NUM_PARAMS = len(PARAM_COLUMNS)
 P_TAU_MAX, P_TAU_MIN, P_TAU, P_WARMUP, P_SCALE = range(NUM_PARAMS)
 
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,18 +81,27 @@ _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_SIZE = 1024
 
 
-def _check_rows(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -> int:
-    """Metadata-only checks (no device sync); returns the batch size."""
+def _check_index(name: str, tensor: torch.Tensor, size: int | None = None) -> None:
+    if tensor.dim() != 1 or (size is not None and tensor.shape[0] != size):
+        want = f"[{size}]" if size is not None else "1-D"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(tensor.shape)}")
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}")
+
+
+def _check_table(kinds: torch.Tensor, params: torch.Tensor) -> int:
+    """Metadata-only checks (no device sync) of a schedule table; returns its length."""
     if params.dim() != 2 or params.shape[1] != NUM_PARAMS:
         raise ValueError(f"params must have shape [batch, {NUM_PARAMS}], got {tuple(params.shape)}")
     if params.dtype != torch.float64:
         raise TypeError(f"params must be float64 (the schedule runs in float64), got {params.dtype}")
-    batch = params.shape[0]
-    for name, tensor in (("positions", positions), ("kinds", kinds)):
-        if tensor.shape != (batch,):
-            raise ValueError(f"{name} must have shape [{batch}] to match params, got {tuple(tensor.shape)}")
-        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}")
+    _check_index("kinds", kinds, params.shape[0])
+    return params.shape[0]
+
+
+def _check_rows(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -> int:
+    batch = _check_table(kinds, params)
+    _check_index("positions", positions, batch)
     if not (positions.device == kinds.device == params.device):
         raise ValueError(
             f"positions, kinds and params must be on one device, got "
@@ -82,16 +110,31 @@ def _check_rows(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tens
     return batch
 
 
-def _check_inputs(logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -> None:
+def _check_inputs(
+    logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor,
+    slots: torch.Tensor | None, prompt_len: torch.Tensor | None,
+) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [batch, vocab], got shape {tuple(logits.shape)}")
     if logits.dtype not in _LOGITS_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    batch = _check_rows(positions, kinds, params)
+    if slots is None:
+        batch = _check_rows(positions, kinds, params)
+        tensors = (positions, kinds, params)
+    else:
+        if prompt_len is None:
+            raise ValueError("the slot layout needs prompt_len")
+        num_slots = _check_table(kinds, params)
+        _check_index("prompt_len", prompt_len, num_slots)
+        _check_index("slots", slots)
+        batch = slots.shape[0]
+        _check_index("pos", positions, batch)
+        tensors = (slots, positions, prompt_len, kinds, params)
     if logits.shape[0] != batch:
         raise ValueError(f"logits have {logits.shape[0]} rows but the schedule tensors describe {batch}")
-    if params.device != logits.device:
-        raise ValueError(f"schedule tensors are on {params.device} but logits are on {logits.device}")
+    if any(t.device != logits.device for t in tensors):
+        raise ValueError(f"schedule tensors must be on the logits' device {logits.device}, got "
+                         f"{[str(t.device) for t in tensors]}")
 
 
 def schedule_temperatures(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -102,7 +145,8 @@ def schedule_temperatures(positions: torch.Tensor, kinds: torch.Tensor, params: 
     bit up to ``exp``'s own rounding. Unknown kinds are treated as none.
     """
     _check_rows(positions, kinds, params)
-    tau_max, tau_min, tau, warmup, scale = params.unbind(1)
+    columns = params.unbind(1)
+    tau_max, tau_min, tau, warmup, scale = (columns[i] for i in (P_TAU_MAX, P_TAU_MIN, P_TAU, P_WARMUP, P_SCALE))
     t = positions.to(torch.float64)
     growth = torch.exp(t / scale)  # inf past ~709 * scale: the clamps below absorb it
     is_ead = kinds == KIND_EAD
@@ -113,16 +157,27 @@ def schedule_temperatures(positions: torch.Tensor, kinds: torch.Tensor, params: 
     return torch.where(is_ead | (kinds == KIND_REVERSE), annealed, fixed)
 
 
+def slot_positions(slots: torch.Tensor, pos: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """``t`` of each row in the slot layout: ``max(pos + 1 - prompt_len[slot], 0)`` (int64)."""
+    return (pos.long() + 1 - prompt_len.long()[slots.long()]).clamp_min(0)
+
+
 def apply_schedule_torch_(
-    logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor
+    logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor,
+    slots: torch.Tensor | None = None, prompt_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Divide each row of ``logits`` in place by its scheduled temperature (PyTorch).
 
+    Rows layout by default; with ``slots`` and ``prompt_len``, the slot layout, where
+    ``positions`` is each row's ``pos`` and ``kinds``/``params`` are per slot.
     ``div_`` by a float32 tensor computes in float32 and rounds once to the logits'
     dtype, which is the recipe of the module docstring. ``KIND_NONE`` rows are divided
     by exactly ``1.0``, which leaves them bit-identical.
     """
-    _check_inputs(logits, positions, kinds, params)
+    _check_inputs(logits, positions, kinds, params, slots, prompt_len)
+    if slots is not None:
+        index = slots.long()
+        positions, kinds, params = slot_positions(slots, positions, prompt_len), kinds[index], params[index]
     temps = schedule_temperatures(positions, kinds, params).to(torch.float32)
     return logits.div_(temps.unsqueeze(1))
 
@@ -150,35 +205,55 @@ def _triton_kernel() -> Any:
         stride_col,
         positions_ptr,
         positions_stride,
+        slots_ptr,
+        slots_stride,
+        prompt_len_ptr,
+        prompt_len_stride,
         kinds_ptr,
         kinds_stride,
         params_ptr,
         params_stride_row,
         params_stride_col,
         vocab_size,
+        USE_SLOTS: tl.constexpr,
+        EAD: tl.constexpr,
+        REVERSE: tl.constexpr,
+        CONSTANT: tl.constexpr,
+        COL_TAU_MAX: tl.constexpr,
+        COL_TAU_MIN: tl.constexpr,
+        COL_TAU: tl.constexpr,
+        COL_WARMUP: tl.constexpr,
+        COL_SCALE: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
     ):
         # One program per (row, block of columns). Each computes its row's temperature
         # itself: a handful of float64 scalar ops, nothing next to the memory traffic.
         row = tl.program_id(0).to(tl.int64)
-        kind = tl.load(kinds_ptr + row * kinds_stride)
-        # Kinds as literals (Triton kernels cannot read module globals): 1 ead,
-        # 2 reverse, 3 constant; KIND_NONE (0) and unknown kinds leave the row alone.
-        if (kind < 1) | (kind > 3):
+        if USE_SLOTS:
+            entry = tl.load(slots_ptr + row * slots_stride).to(tl.int64)
+        else:
+            entry = row
+        kind = tl.load(kinds_ptr + entry * kinds_stride)
+        # KIND_NONE and unknown kinds leave the row alone (not read, not written).
+        if (kind != EAD) & (kind != REVERSE) & (kind != CONSTANT):
             return
-        p = params_ptr + row * params_stride_row
-        tau_max = tl.load(p)
-        tau_min = tl.load(p + params_stride_col)
-        tau = tl.load(p + 2 * params_stride_col)
-        warmup = tl.load(p + 3 * params_stride_col)
-        scale = tl.load(p + 4 * params_stride_col)
-        t = tl.load(positions_ptr + row * positions_stride).to(tl.float64)
+        p = params_ptr + entry * params_stride_row
+        tau_max = tl.load(p + COL_TAU_MAX * params_stride_col)
+        tau_min = tl.load(p + COL_TAU_MIN * params_stride_col)
+        tau = tl.load(p + COL_TAU * params_stride_col)
+        warmup = tl.load(p + COL_WARMUP * params_stride_col)
+        scale = tl.load(p + COL_SCALE * params_stride_col)
+        position = tl.load(positions_ptr + row * positions_stride).to(tl.int64)
+        if USE_SLOTS:
+            prompt_len = tl.load(prompt_len_ptr + entry * prompt_len_stride).to(tl.int64)
+            position = tl.maximum(position + 1 - prompt_len, 0)
+        t = position.to(tl.float64)
         growth = tl.exp(t / scale)
         ead = tl.maximum(1.0 + tau_max - growth, tau_min)
         reverse = tl.minimum(tau_min + growth, tau_max)
-        annealed = tl.where(kind == 1, ead, reverse)
+        annealed = tl.where(kind == EAD, ead, reverse)
         annealed = tl.where(t < warmup, 1.0, annealed)
-        temp = tl.where(kind == 3, tau, annealed).to(tl.float32)
+        temp = tl.where(kind == CONSTANT, tau, annealed).to(tl.float32)
 
         cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = cols < vocab_size
@@ -205,19 +280,22 @@ def apply_schedule_triton_(
     positions: torch.Tensor,
     kinds: torch.Tensor,
     params: torch.Tensor,
+    slots: torch.Tensor | None = None,
+    prompt_len: torch.Tensor | None = None,
     *,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Divide each row of ``logits`` in place by its scheduled temperature (Triton).
 
-    One launch over a ``(batch, cdiv(vocab, BLOCK))`` grid; any row and column stride.
-    ``KIND_NONE`` rows are not read or written. Bit-identical to
-    :func:`apply_schedule_torch_` except where ``exp`` rounds differently in its last
-    float64 bit and that flips the float32 temperature (1 ulp, practically never).
-    ``block_size`` (a power of two) overrides the columns per program; the tests raise
-    it because Triton's interpreter pays milliseconds per program.
+    The same layouts and arguments as :func:`apply_schedule_torch_`. One launch over a
+    ``(batch, cdiv(vocab, BLOCK))`` grid; any row and column stride. ``KIND_NONE`` rows
+    are not read or written. Bit-identical to the PyTorch path except where ``exp``
+    rounds differently in its last float64 bit and that flips the float32 temperature
+    (1 ulp, practically never). ``block_size`` (a power of two) overrides the columns
+    per program; the tests raise it because Triton's interpreter pays milliseconds per
+    program.
     """
-    _check_inputs(logits, positions, kinds, params)
+    _check_inputs(logits, positions, kinds, params, slots, prompt_len)
     import triton
 
     batch, vocab = logits.shape
@@ -225,18 +303,31 @@ def apply_schedule_triton_(
         return logits
     block = min(block_size or _BLOCK_SIZE, triton.next_power_of_2(vocab))
     grid = (batch, triton.cdiv(vocab, block))
+    # The row layout passes ``positions`` where the slot tensors go: never read there.
+    slot_args = (positions, 0, positions, 0) if slots is None else (
+        slots, slots.stride(0), prompt_len, prompt_len.stride(0))  # type: ignore[union-attr]
     _triton_kernel()[grid](
         logits,
         logits.stride(0),
         logits.stride(1),
         positions,
         positions.stride(0),
+        *slot_args,
         kinds,
         kinds.stride(0),
         params,
         params.stride(0),
         params.stride(1),
         vocab,
+        USE_SLOTS=slots is not None,
+        EAD=KIND_EAD,
+        REVERSE=KIND_REVERSE,
+        CONSTANT=KIND_CONSTANT,
+        COL_TAU_MAX=P_TAU_MAX,
+        COL_TAU_MIN=P_TAU_MIN,
+        COL_TAU=P_TAU,
+        COL_WARMUP=P_WARMUP,
+        COL_SCALE=P_SCALE,
         BLOCK_SIZE=block,
         num_warps=4,
         enable_fp_fusion=False,  # no contraction into FMAs: same rounding as torch
@@ -244,14 +335,26 @@ def apply_schedule_triton_(
     return logits
 
 
-def _pick(logits: torch.Tensor) -> Callable[..., torch.Tensor]:
-    if logits.is_cuda and triton_available():
-        return apply_schedule_triton_
-    return apply_schedule_torch_
+def _use_triton(logits: torch.Tensor) -> bool:
+    return logits.is_cuda and triton_available()
 
 
 def apply_schedule_(
     logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor
 ) -> torch.Tensor:
-    """Scale ``logits`` in place: the Triton kernel on GPU tensors, PyTorch otherwise."""
-    return _pick(logits)(logits, positions, kinds, params)
+    """Scale ``logits`` in place, rows layout (V1): Triton on GPU tensors, PyTorch otherwise."""
+    fn = apply_schedule_triton_ if _use_triton(logits) else apply_schedule_torch_
+    return fn(logits, positions, kinds, params)
+
+
+def apply_schedule_slots_(
+    logits: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, prompt_len: torch.Tensor,
+    kinds: torch.Tensor, params: torch.Tensor,
+) -> torch.Tensor:
+    """Scale ``logits`` in place, slot layout (V2): Triton on GPU tensors, PyTorch otherwise.
+
+    ``slots[i]`` is row ``i``'s request slot, ``pos[i]`` its position in the sequence;
+    ``prompt_len``, ``kinds`` and ``params`` are indexed by slot.
+    """
+    fn = apply_schedule_triton_ if _use_triton(logits) else apply_schedule_torch_
+    return fn(logits, pos, kinds, params, slots, prompt_len)

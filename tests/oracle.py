@@ -32,9 +32,15 @@ def behaviour_logprobs(
     output_ids: Sequence[int],
     temperatures: Sequence[float],
     top_k: int | None = None,
+    min_p: float = 0.0,
 ) -> torch.Tensor:
-    """``log_softmax(h_t / tau_t)[y_t]``, renormalised over the top-k when given."""
+    """``log_softmax(h_t / tau_t)[y_t]``, renormalised over the top-k, or over the tokens
+    whose probability under ``softmax(h_t / tau_t)`` is at least ``min_p`` times the
+    largest (min-p applied after the temperature, as vLLM applies it), when given."""
     h = completion_logits(model_dir, prompt_ids, output_ids) / torch.tensor(temperatures).unsqueeze(1)
+    if min_p:
+        probs = h.softmax(-1)
+        h = h.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     if top_k:
         kth = h.topk(top_k, dim=-1).values[:, -1:]
         h = h.masked_fill(h < kth, float("-inf"))

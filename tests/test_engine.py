@@ -33,7 +33,8 @@ PROMPT = "Hello there, "
 def llm(tiny_model_dir):
     from vllm import LLM
 
-    from ead_server.vllm_adapter import LOGPROBS_MODE, EADLogitsProcessor
+    from ead_server.vllm_adapter import EADLogitsProcessor
+    from ead_server.vllm_adapter.engine import LOGPROBS_MODE
 
     engine = LLM(
         model=str(tiny_model_dir), enforce_eager=True, dtype="float32", seed=0, max_model_len=256,
@@ -63,12 +64,14 @@ def test_returned_logprobs_are_behaviour_logprobs(llm, tiny_model_dir):
     # the last rows into their slots (condense), which the processor must follow.
     requests = [
         ("unscheduled", None, _params(None, seed=13, max_tokens=3)),
-        ("greedy", None, _params(SCHEDULES["ead-k1"], temperature=0.0, max_tokens=5)),
+        ("greedy", None, _params(None, temperature=0.0, max_tokens=5)),
     ]
     requests += [(name, s, _params(s, seed=i, max_tokens=7 + 4 * i)) for i, (name, s) in enumerate(SCHEDULES.items())]
     requests += [
         ("json-string", SCHEDULES["ead-k1"], _params(json.dumps(SCHEDULES["ead-k1"]), seed=10, max_tokens=20)),
         ("top-k", SCHEDULES["ead-k1"], _params(SCHEDULES["ead-k1"], top_k=5, seed=12, max_tokens=22)),
+        # min-p thresholds softmax(h / tau_t), on this V1 runner as on Model Runner V2.
+        ("min-p", SCHEDULES["reverse"], _params(SCHEDULES["reverse"], min_p=0.05, seed=14, max_tokens=22)),
         ("n=4", SCHEDULES["reverse"], _params(SCHEDULES["reverse"], n=4, seed=11, max_tokens=24)),
     ]
     outputs = llm.generate([PROMPT] * len(requests), [p for _, _, p in requests], use_tqdm=False)
@@ -79,22 +82,23 @@ def test_returned_logprobs_are_behaviour_logprobs(llm, tiny_model_dir):
             ids = completion.token_ids
             temps = parse_schedule(schedule).temperatures(len(ids)) if schedule else [1.0] * len(ids)
             got = torch.tensor([lp[y].logprob for lp, y in zip(completion.logprobs, ids)])
-            want = behaviour_logprobs(tiny_model_dir, out.prompt_token_ids, ids, temps, top_k=params.top_k)
+            want = behaviour_logprobs(tiny_model_dir, out.prompt_token_ids, ids, temps, top_k=params.top_k,
+                                      min_p=params.min_p)
             torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5, msg=f"{name}: {got} vs {want}")
             checked += len(ids)
     assert checked > 150
 
 
-def test_greedy_is_unchanged_by_a_schedule(llm):
-    """(c) Temperature 0 rows ignore the schedule: same tokens, same log-probs."""
-    plain, scheduled = llm.generate(
-        [PROMPT, PROMPT], [_params(None, temperature=0.0), _params(SCHEDULES["ead-k1"], temperature=0.0)],
-        use_tqdm=False,
-    )
-    assert plain.outputs[0].token_ids == scheduled.outputs[0].token_ids
-    assert [next(iter(lp.values())).logprob for lp in plain.outputs[0].logprobs] == [
-        next(iter(lp.values())).logprob for lp in scheduled.outputs[0].logprobs
-    ]
+def test_greedy_with_a_schedule_is_refused_at_admission(llm):
+    """(c) vLLM runs the processor's validate_params for LLM(...) too, so the request
+    policy refuses greedy + schedule here as over HTTP; the processor itself leaves
+    greedy rows untouched (tests/test_processor_state.py, tests/test_processor_v2.py)."""
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="parameter=temperature"):
+        llm.generate([PROMPT], [_params(SCHEDULES["ead-k1"], temperature=0.0)], use_tqdm=False)
+    (plain,) = llm.generate([PROMPT], [_params(None, temperature=0.0)], use_tqdm=False)
+    assert len(plain.outputs[0].token_ids) == 24
 
 
 def _pooled_chi_square(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:

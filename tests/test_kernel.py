@@ -8,6 +8,7 @@ earlier in this process) is enough. With a GPU the same tests run the compiled k
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -292,6 +293,66 @@ def test_torch_path_none_rows_untouched() -> None:
     assert_bits_equal(logits, reference_output(original, positions, kinds, params))
 
 
+# ------------------------------------------------------------------ slot layout (V2)
+
+
+def make_slot_batch(seed: int, num_slots: int, batch: int):
+    """A V2-style batch: per-slot schedules and prompt lengths, rows in shuffled slot
+    order, some requests with several rows at consecutive positions (speculative
+    decoding), some rows of an unfinished chunked prefill (``t < 0``)."""
+    rng = random.Random(seed)
+    positions, kinds, params = random_rows(rng, num_slots)
+    prompt_len = [rng.randrange(1, 300) for _ in range(num_slots)]
+    slots, pos, want_t = [], [], []
+    while len(slots) < batch:
+        slot = rng.randrange(num_slots)
+        t0 = rng.choice([positions[slot], 0, -rng.randrange(1, 50)])  # -: partial prefill
+        for j in range(rng.choice([1, 1, 3])):  # one row per draft token
+            if len(slots) == batch:
+                break
+            slots.append(slot)
+            pos.append(prompt_len[slot] - 1 + t0 + j)
+            want_t.append(max(t0 + j, 0))
+    tensor = functools.partial(torch.tensor, device=DEVICE)
+    table = (tensor(kinds, dtype=torch.int32), tensor(params, dtype=torch.float64).reshape(-1, NUM_PARAMS))
+    return (tensor(slots, dtype=torch.int32), tensor(pos, dtype=torch.int64), tensor(prompt_len, dtype=torch.int32),
+            *table, tensor(want_t, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize(("num_slots", "batch", "vocab"), [(8, 40, 1000), (64, 9, 4099), (3, 1, 517)])
+def test_slot_layout_matches_the_schedule(path, num_slots, batch, vocab) -> None:
+    """Row i is scaled by its slot's schedule at t = pos + 1 - prompt_len[slot] (>= 0)."""
+    slots, pos, prompt_len, kinds, params, want_t = make_slot_batch(num_slots * 7 + batch, num_slots, batch)
+    logits = random_logits(batch, vocab, torch.float32, seed=batch)
+    original = logits.clone()
+    torch.testing.assert_close(T.slot_positions(slots, pos, prompt_len), want_t, rtol=0, atol=0)
+    if path == "torch":
+        out = apply_schedule_torch_(logits, pos, kinds, params, slots, prompt_len)
+    else:
+        out = apply_schedule_triton_(logits, pos, kinds, params, slots, prompt_len, block_size=8192)
+    assert out is logits
+    index = slots.long()
+    expected = reference_output(original, want_t, kinds[index], params[index])
+    assert_bits_equal(logits, expected)
+    assert torch.isfinite(logits[torch.isfinite(original)]).all()
+    none_rows = kinds[index] == KIND_NONE
+    assert_bits_equal(logits[none_rows], original[none_rows])
+
+
+def test_slot_dispatch_and_checks() -> None:
+    slots, pos, prompt_len, kinds, params, _ = make_slot_batch(5, 4, 6)
+    logits = random_logits(6, 300, torch.float32, seed=1)
+    expected = apply_schedule_torch_(logits.clone(), pos, kinds, params, slots, prompt_len)
+    assert_bits_equal(ead_kernels.apply_schedule_slots_(logits, slots, pos, prompt_len, kinds, params), expected)
+    with pytest.raises(ValueError, match="prompt_len must have shape"):
+        apply_schedule_torch_(logits, pos, kinds, params, slots, prompt_len[:2])
+    with pytest.raises(ValueError, match="pos must have shape"):
+        apply_schedule_torch_(logits, pos[:2], kinds, params, slots, prompt_len)
+    with pytest.raises(ValueError, match="needs prompt_len"):
+        apply_schedule_torch_(logits, pos, kinds, params, slots)
+
+
 # ------------------------------------------------------------------ dispatch, checks
 
 
@@ -308,9 +369,8 @@ def test_dispatch_uses_torch_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_dispatch_picks_triton_for_cuda_tensors() -> None:
     fake_cuda = SimpleNamespace(is_cuda=True)
-    want = T.apply_schedule_triton_ if T.triton_available() else T.apply_schedule_torch_
-    assert T._pick(fake_cuda) is want  # type: ignore[arg-type]
-    assert T._pick(torch.zeros(1, 1)) is T.apply_schedule_torch_
+    assert T._use_triton(fake_cuda) is T.triton_available()  # type: ignore[arg-type]
+    assert not T._use_triton(torch.zeros(1, 1))
 
 
 def _good(batch: int = 2, vocab: int = 10):

@@ -2,8 +2,9 @@
 
 One request per (problem, schedule) pool asks for all its missing samples (``n``), with
 a seed derived from the run seed, the problem, the schedule and the first missing index.
-Every sampling setting is sent explicitly (``top_p=1``, ``top_k=-1``, ``min_p=0``,
-``repetition_penalty=1``) so that a model's ``generation_config`` defaults never apply.
+Every sampling setting is sent explicitly (the request policy's ``NEUTRAL_SAMPLING``: no
+top-p, top-k, min-p or penalties) so that a model's ``generation_config`` defaults never
+apply, to the fixed-temperature baselines either.
 
 * ``constant`` schedules are sent as the plain ``temperature=tau``: the baseline every
   OpenAI-compatible server implements.
@@ -29,12 +30,9 @@ from tqdm.auto import tqdm
 from ead_server.bench.config import BenchSchedule, request_seed
 from ead_server.bench.datasets import Problem, prompt_messages, prompt_text
 from ead_server.bench.store import SampleStore
+from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY
 
 __all__ = ["GenerationError", "Job", "detect_api", "generate", "plan_jobs", "resolve_model"]
-
-# Explicit neutral values for what vLLM would otherwise take from generation_config.
-NEUTRAL_EXTRA = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
-
 
 class GenerationError(RuntimeError):
     """The server cannot produce the samples the benchmark needs."""
@@ -87,16 +85,16 @@ async def detect_api(client: openai.AsyncOpenAI, model: str) -> str:
 def _sampling(schedule: BenchSchedule) -> tuple[float, dict[str, Any]]:
     """The ``temperature`` and ``extra_body`` of a schedule's requests."""
     if schedule.is_constant:
-        return schedule.resolved.tau, dict(NEUTRAL_EXTRA)
-    return 1.0, {**NEUTRAL_EXTRA, "temperature_schedule": schedule.spec}
+        return schedule.resolved.tau, dict(NEUTRAL_SAMPLING)
+    return 1.0, {**NEUTRAL_SAMPLING, SCHEDULE_KEY: schedule.spec}
 
 
 async def _request(client: openai.AsyncOpenAI, api: str, model: str, job: Job, max_tokens: int, seed: int,
                    one_shot: bool = True) -> Any:
     temperature, extra = _sampling(job.schedule)
     common = dict(
-        model=model, n=len(job.indices), max_tokens=max_tokens, temperature=temperature, top_p=1.0,
-        seed=seed, extra_body=extra,
+        model=model, n=len(job.indices), max_tokens=max_tokens, temperature=temperature, seed=seed,
+        extra_body=extra,
     )
     if api == "chat":
         return await client.chat.completions.create(

@@ -16,9 +16,11 @@ import time
 
 from openai import AsyncOpenAI
 
+from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY
+
 VARIANTS = {
     "temperature 1.0": {},
-    "ead (paper)": {"temperature_schedule": {"preset": "paper"}},
+    "ead (paper)": {SCHEDULE_KEY: {"preset": "paper"}},
 }
 
 
@@ -36,8 +38,7 @@ async def _round(client: AsyncOpenAI, model: str, extra: dict, args: argparse.Na
     replies = await asyncio.gather(*(
         client.completions.create(
             model=model, prompt=f"Write a long story about the number {i}.", max_tokens=args.max_tokens,
-            temperature=1.0, top_p=1.0, seed=i,
-            extra_body={"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "ignore_eos": True, **extra},
+            temperature=1.0, seed=i, extra_body={**NEUTRAL_SAMPLING, "ignore_eos": True, **extra},
         )
         for i in range(args.requests)
     ))

