@@ -2,26 +2,29 @@
 """A minimal GRPO loop with truncated importance sampling (TIS), using ead-server as the
 rollout backend and plain PyTorch + transformers (float32, CPU) as the trainer.
 
-One step ``k`` (1-based; the trainer's global step is ``k - 1``):
+One step ``k`` (1-based; the trainer's global step is ``k - 1``), function by function:
 
-1. ``--prompts-per-step`` single-digit additions (seeded), as chat messages that ask for
-   the answer in ``\\boxed{}``; ``client.rollouts(messages=..., n=G, schedule=...,
-   step=k - 1, seed=..., return_target_logprobs=True)`` samples ``G`` completions each
-   under the EAD temperature schedule, on the weights of version ``v0 + k - 1``.
-2. Rewards: math-verify, ``verify(gold, parse(completion))``: 1.0 or 0.0.
+1. :func:`rollout`: ``--prompts-per-step`` problems of the benchmark's built-in set
+   (``ead_server.bench.datasets``; ``--difficulty 1``: single-digit additions) in the
+   benchmark's chat prompt (a solved one-shot example, then the question, answer in
+   ``\\boxed{}``). ``client.rollouts(messages=..., n=G, schedule=..., step=k - 1,
+   seed=..., return_target_logprobs=True)`` samples ``G`` completions each under the EAD
+   temperature schedule, on the weights of version ``v0 + k - 1``.
+2. :func:`grade`: the benchmark's grading (``ead_server.bench.grading``), 1.0 or 0.0.
    Advantages: GRPO's group normalisation ``(r - mean_group) / (std_group + 1e-4)``.
-3. One forward pass of the trainer over prompt + completion, with exactly the token ids
-   the server returns (no re-tokenisation): ``log pi_theta`` of every sampled token at
-   temperature 1, and the entropy of pi_theta. ``old`` = these log-probs detached (one
-   gradient step per batch, so pi_old = pi_theta here). They are compared with the
-   engine's ``target_logprobs`` (the serving weights at temperature 1): the largest
-   difference is logged, and it stays at float32 noise (< 1e-4) only if the server serves
-   exactly the trainer's weights. That checks every reload end to end.
-4. TIS: ``w = tis_weights(behavior_logprobs, old, level=..., mode=..., cap=...)`` corrects
-   for sampling at the schedule's temperatures instead of 1 (SPEC section 3, paper
-   Appendix B). Loss, one AdamW step.
-5. ``model.save_pretrained(weights_root / "step-k")`` (+ tokenizer), then
+3. :func:`train`: one forward pass of the trainer over prompt + completion, with exactly
+   the token ids the server returns (no re-tokenisation): ``log pi_theta`` of every
+   sampled token at temperature 1, and the entropy of pi_theta. ``old`` = these log-probs
+   detached (one gradient step per batch, so pi_old = pi_theta here). TIS:
+   ``w = tis_weights(behavior_logprobs, old, level=..., mode=..., cap=...)`` corrects for
+   sampling at the schedule's temperatures instead of 1 (SPEC section 3, paper
+   Appendix B). Loss, one AdamW step. ``old`` is compared with the engine's
+   ``target_logprobs`` (the serving weights at temperature 1): the largest difference
+   stays at float32 noise (< 1e-4) only if the server serves exactly the trainer's
+   weights, which checks every reload end to end.
+4. ``model.save_pretrained(weights_root / "step-k")`` (+ tokenizer), then
    ``client.reload_weights(...)``; every server must report version ``v0 + k``.
+   :func:`step_record` is the step's line of the ``--log`` file.
 
 Start the server(s) first, from the same folder the trainer loads::
 
@@ -35,12 +38,14 @@ See README.md beside this file and docs/rollouts.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +59,21 @@ from ead_client import (  # noqa: E402
     APIError,
     EADClient,
     EADError,
+    Rollout,
+    RolloutBatch,
     ScheduleError,
     TemperatureSchedule,
+    TISResult,
     tis_weights,
 )
+from ead_server.bench.datasets import (  # noqa: E402
+    BUILTIN_DIFFICULTIES,
+    DEFAULT_DIFFICULTY,
+    Problem,
+    builtin_problems,
+    prompt_messages,
+)
+from ead_server.bench.grading import GradingPool, extract_answer  # noqa: E402
 
 # The paper's preset (tau_max 1.2, warm-up 10 tokens at T = 1, time scale 1,
 # d = 25 + 5 * step) with tau_min = 0.8, the paper's value for its 7B models, instead of
@@ -74,7 +90,7 @@ ADV_EPS = 1e-4  # TRL's epsilon in (r - mean) / (std + eps)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="GRPO + truncated importance sampling on single-digit additions, with ead-server rollouts.",
+        description="GRPO + truncated importance sampling on the benchmark's built-in problems, with ead-server rollouts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--base-url", action="append", default=None,
@@ -90,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("EAD_API_KEY"), help="the servers' --api-key, if any")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--difficulty", type=int, default=DEFAULT_DIFFICULTY, choices=sorted(BUILTIN_DIFFICULTIES),
+                   help="level of the benchmark's built-in problems (1: single-digit additions)")
+    p.add_argument("--no-one-shot", dest="one_shot", action="store_false",
+                   help="ask the question alone, without the benchmark's solved example before it")
     p.add_argument("--group-size", "-n", type=int, default=4, help="samples per prompt (GRPO group size G)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -110,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-shift", action="store_true",
                    help="skip the diagnostic forward pass after the update (policy_shift_* are then null)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per rollout request")
+    p.add_argument("--grading-timeout", type=float, default=5.0,
+                   help="seconds math-verify may spend on one answer (then it counts as wrong)")
     args = p.parse_args(argv)
     args.base_url = args.base_url or ["http://127.0.0.1:8000"]
     for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "micro_batch_size"):
@@ -127,31 +149,21 @@ class Fatal(Exception):
     """An error with a message for the person running the example."""
 
 
-# -- problems and rewards --------------------------------------------------------------
+# -- rewards and advantages ------------------------------------------------------------
 
 
-def make_problems(rng: random.Random, count: int) -> list[tuple[list[dict[str, str]], str]]:
-    """``count`` single-digit additions: (chat messages, gold answer)."""
-    problems = []
-    for _ in range(count):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        question = f"What is {a} + {b}? Put the final answer in \\boxed{{}}."
-        problems.append(([{"role": "user", "content": question}], str(a + b)))
-    return problems
+def grade(batch: RolloutBatch, golds: list[str], grader: GradingPool) -> np.ndarray:
+    """1.0 for each rollout whose answer equals its gold answer, else 0.0: the benchmark's
+    grading, so a reward here means what "correct" means in ``ead-server bench``.
 
-
-def reward(completion: str, gold: str) -> float:
-    """1.0 if math-verify finds the gold answer in the completion, else 0.0.
-
-    Gold first: ``verify`` is not symmetric. math-verify's timeouts use SIGALRM, which
-    works only in the main thread; this script grades in its main thread.
+    The answer is the completion's last ``\\boxed{...}`` (else its last number;
+    ``extract_answer``); ``verify(gold, answer)`` (gold first: math-verify is not
+    symmetric) runs in the pool's worker processes, which give every check a hard timeout.
+    A completion without an answer scores 0 without a check.
     """
-    from math_verify import parse, verify
-
-    try:
-        return 1.0 if verify(parse(f"${gold}$"), parse(completion)) else 0.0
-    except Exception:  # noqa: BLE001 - an unparsable or timed-out answer is just wrong
-        return 0.0
+    answers = [extract_answer(r.text).answer for r in batch.rollouts]
+    checks = iter(grader.map([(gold, a) for gold, a in zip(golds, answers) if a is not None]))
+    return np.array([float(next(checks).equivalent) if a is not None else 0.0 for a in answers])
 
 
 def group_advantages(rewards: np.ndarray, n: int) -> np.ndarray:
@@ -204,6 +216,12 @@ def ragged(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
     return [row[m].double().tolist() for row, m in zip(values.detach(), mask)]
 
 
+def micro_batches(rollouts: list[Rollout], size: int) -> Iterator[tuple[int, list[Rollout]]]:
+    """``(offset, part)``: whole sequences, ``size`` at a time."""
+    for start in range(0, len(rollouts), size):
+        yield start, rollouts[start : start + size]
+
+
 # -- checkpoints -----------------------------------------------------------------------
 
 
@@ -226,18 +244,7 @@ def save_checkpoint(model: Any, tokenizer: Any, root: Path, step: int) -> Path:
     return final
 
 
-# -- the loop --------------------------------------------------------------------------
-
-
-def step_arg(schedule: TemperatureSchedule, global_step: int) -> int | None:
-    """The ``step=`` of ``rollouts()``: the global step, unless the schedule fixes ``decay``
-    (the step would have no effect, and the client refuses it)."""
-    return None if schedule.decay is not None else global_step
-
-
-def fmt_seconds(t: dict[str, float]) -> str:
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
-    return f"{t['total']:.1f}s ({parts})"
+# -- servers ---------------------------------------------------------------------------
 
 
 def connect(args: argparse.Namespace) -> tuple[EADClient, int]:
@@ -282,12 +289,196 @@ def reload(client: EADClient, path: Path, expected: int, args: argparse.Namespac
     return version
 
 
+# -- one step: rollout, train, publish, log ----------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """The policy being trained, in float32 on the CPU, and its optimiser."""
+
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    pad_id: int
+
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> Trainer:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+        # Dropout off: the policy trained is exactly the policy the server samples from.
+        model.eval()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        return cls(model, tokenizer, optimizer, pad_id)
+
+    def logprobs(self, part: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return completion_logprobs(self.model, [r.prompt_token_ids for r in part], [r.token_ids for r in part],
+                                   self.pad_id)
+
+
+@dataclass
+class TrainResult:
+    old_rows: list[list[float]]  # log pi_old of every sampled token, per rollout
+    entropy_mean: float
+    loss: float
+    grad_norm: float
+    tis: TISResult  # over the whole batch
+
+
+def rollout(client: EADClient, problems: list[Problem], args: argparse.Namespace, global_step: int,
+            version: int) -> RolloutBatch:
+    """Sample ``--group-size`` completions of each problem on weight version ``version``.
+
+    Prompt i of this step is seeded ``seed_k + i`` (the client's rule); the seeds of
+    different steps do not overlap. ``step=`` makes the schedule's decay step-aware,
+    unless the schedule fixes ``decay`` (then the client refuses a step).
+    """
+    batch = client.rollouts(
+        messages=[prompt_messages(p.question, one_shot=args.one_shot) for p in problems], n=args.group_size,
+        max_tokens=args.max_tokens, schedule=args.schedule,
+        step=None if args.schedule.decay is not None else global_step,
+        seed=(args.seed * 1_000_003 + global_step * args.prompts_per_step) % 2**31,
+        return_target_logprobs=True,
+    )
+    if batch.weight_version != version:
+        raise Fatal(f"rollouts came from weight version {batch.weight_version}, expected {version}: another "
+                    "process reloaded the server")
+    return batch
+
+
+def train(trainer: Trainer, batch: RolloutBatch, advantages: np.ndarray, args: argparse.Namespace) -> TrainResult:
+    """One GRPO + TIS step on the batch: a trainer forward, the TIS weights, the
+    policy-gradient loss, one AdamW step.
+
+    Token-level policy gradient (DAPO; TRL's ``loss_type="dapo"``): every valid token of
+    the batch counts once, sum / number of tokens, so long completions are not
+    down-weighted as in per-sequence means. The TIS weight ``w = min(pi_old / pi_b, cap)``
+    is a constant; the gradient is ``w * A * grad log pi_theta``. With one step per batch
+    pi_theta = pi_old, so PPO's ratio and clipping would be 1 and no-ops: left out.
+    """
+    tis_options = dict(level=args.tis_level, mode=args.tis_mode, cap=args.tis_cap)
+    rollouts = batch.rollouts
+    num_tokens = sum(len(r.token_ids) for r in rollouts)
+    old_rows: list[list[float]] = []
+    entropy_sum = loss_total = 0.0
+    trainer.optimizer.zero_grad(set_to_none=True)
+    for start, part in micro_batches(rollouts, args.micro_batch_size):
+        logp, entropy, mask = trainer.logprobs(part)
+        old = ragged(logp, mask)  # pi_old = pi_theta before this (only) update
+        old_rows += old
+        entropy_sum += float(entropy.sum())
+        # A micro-batch holds whole sequences, so these are the weights the whole batch
+        # would get (its statistics are taken below).
+        w = torch.from_numpy(tis_weights([r.behavior_logprobs for r in part], old, **tis_options).weights).float()
+        adv = torch.tensor(advantages[start : start + len(part)], dtype=torch.float32).unsqueeze(1)
+        loss = -(w * adv * logp * mask).sum() / num_tokens
+        loss.backward()
+        loss_total += float(loss.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+        trainer.model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf")))
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    tis = tis_weights([r.behavior_logprobs for r in rollouts], old_rows, **tis_options)
+    return TrainResult(old_rows, entropy_sum / num_tokens, loss_total, grad_norm, tis)
+
+
+def engine_difference(batch: RolloutBatch, old_rows: list[list[float]]) -> np.ndarray:
+    """``|trainer log pi_old - engine target log-prob|`` of every sampled token: float32
+    noise only when the server serves exactly the trainer's weights."""
+    return np.concatenate([np.abs(np.array(o) - np.array(r.target_logprobs)) for o, r in zip(old_rows, batch.rollouts)])
+
+
+def policy_shift(trainer: Trainer, batch: RolloutBatch, old_rows: list[list[float]],
+                 micro_batch_size: int) -> tuple[float, float]:
+    """Max and mean ``|log pi_theta - log pi_old|`` over the batch's tokens after the
+    update (one more forward, no grad): it shows that the next step's trainer-vs-engine
+    check is meaningful."""
+    deltas = []
+    with torch.no_grad():
+        for start, part in micro_batches(batch.rollouts, micro_batch_size):
+            logp, _, mask = trainer.logprobs(part)
+            deltas += [np.abs(np.array(new) - np.array(old))
+                       for new, old in zip(ragged(logp, mask), old_rows[start : start + len(part)])]
+    flat = np.concatenate(deltas)
+    return float(flat.max()), float(flat.mean())
+
+
+def step_record(k: int, batch: RolloutBatch, rewards: np.ndarray, result: TrainResult, diffs: np.ndarray,
+                shift: tuple[float, float] | None, path: Path, version: int, times: dict[str, float],
+                group_size: int) -> dict[str, Any]:
+    """One line of the ``--log`` file (keys: README.md beside this file)."""
+    rollouts = batch.rollouts
+    temps, tmask = batch.temperatures()
+    return {
+        "step": k,
+        "global_step": k - 1,
+        "rollout_weight_version": batch.weight_version,
+        "weight_version": version,
+        "checkpoint": str(path),
+        "decay": batch.schedule.decay if batch.schedule else None,
+        "num_rollouts": len(rollouts),
+        "num_tokens": int(batch.lengths().sum()),
+        "reward_mean": float(rewards.mean()),
+        "groups_with_signal": int((rewards.reshape(-1, group_size).std(axis=1) > 0).sum()),
+        "response_length_mean": float(batch.lengths().mean()),
+        "finished_fraction": float(np.mean([r.finish_reason == "stop" for r in rollouts])),
+        "temperature_mean": float(temps[tmask].mean()),
+        "entropy_mean": result.entropy_mean,
+        "behavior_logprob_mean": float(np.mean(np.concatenate([r.behavior_logprobs for r in rollouts]))),
+        "old_logprob_mean": float(np.mean(np.concatenate(result.old_rows))),
+        **result.tis.metrics(prefix="tis_"),
+        "logprob_diff_max": float(diffs.max()),
+        "logprob_diff_mean": float(diffs.mean()),
+        "policy_shift_max": shift[0] if shift else None,
+        "policy_shift_mean": shift[1] if shift else None,
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "seconds": {name: round(value, 3) for name, value in times.items()},
+    }
+
+
+def step_line(record: dict[str, Any], steps: int, num_groups: int, tis_mode: str) -> str:
+    """The one-line summary printed after each step."""
+    clip = "clipped" if tis_mode == "truncate" else "masked"
+    t = record["seconds"]
+    seconds = f"{t['total']:.1f}s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total") + ")"
+    shift = f"shift {record['policy_shift_max']:.2e} | " if record["policy_shift_max"] is not None else ""
+    return (
+        f"[step {record['step']}/{steps}] v{record['rollout_weight_version']}->v{record['weight_version']} | "
+        f"reward {record['reward_mean']:.3f} ({record['groups_with_signal']}/{num_groups} groups with signal) | "
+        f"len {record['response_length_mean']:.1f} | entropy {record['entropy_mean']:.3f} | "
+        f"TIS mean {record['tis_mean']:.3f} ess {record['tis_ess']:.3f} {clip} "
+        f"{record['tis_' + clip + '_fraction']:.3f} | |old-target| max {record['logprob_diff_max']:.2e} | "
+        f"{shift}{seconds}"
+    )
+
+
+# -- the loop --------------------------------------------------------------------------
+
+
+class Stopwatch:
+    """Seconds per phase of a step, in the order the phases ran, plus ``total``."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = now - self._last
+        self._last = now
+
+    def stop(self) -> dict[str, float]:
+        self.times["total"] = time.perf_counter() - self._start
+        return self.times
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
     torch.manual_seed(args.seed)
     if not (args.model_dir / "config.json").is_file():
         raise Fatal(f"--model-dir {args.model_dir} is not a Hugging Face model folder (no config.json)")
@@ -295,177 +486,63 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise Fatal(f"--weights-root {args.weights_root} does not exist: give the folder the server was started "
                     "with (ead-server serve --weights-root DIR)")
     root = args.weights_root.resolve()
+    # The benchmark's built-in problems, drawn once for the whole run.
+    problems = builtin_problems(args.steps * args.prompts_per_step, difficulty=args.difficulty, seed=args.seed)
 
     client, v0 = connect(args)
     print(f"servers: {', '.join(args.base_url)} (weight version {v0})", flush=True)
     print(f"schedule: {json.dumps(args.schedule.model_dump(exclude_none=True))}, step-aware decay; "
           f"TIS {args.tis_level}/{args.tis_mode} cap {args.tis_cap}", flush=True)
+    trainer = Trainer.load(args)
+    print(f"trainer: {args.model_dir} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f} M "
+          f"parameters, float32); {args.steps} steps of {args.prompts_per_step} prompts (difficulty "
+          f"{args.difficulty}) x {args.group_size} samples, <= {args.max_tokens} tokens", flush=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    # Dropout off: the policy trained is exactly the policy the server samples from.
-    model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    rng = random.Random(args.seed)
-    log_file = args.log.open("w") if args.log else None
     records: list[dict[str, Any]] = []
-    print(f"trainer: {args.model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
-          f"float32); {args.steps} steps of {args.prompts_per_step} prompts x {args.group_size} samples, "
-          f"<= {args.max_tokens} tokens", flush=True)
-
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(client.close)
+        grader = stack.enter_context(GradingPool(timeout=args.grading_timeout))
+        log_file = stack.enter_context(args.log.open("w")) if args.log else None
         for k in range(1, args.steps + 1):
             global_step = k - 1
-            times: dict[str, float] = {}
-            t_step = t = time.perf_counter()
+            step_problems = problems[global_step * args.prompts_per_step : k * args.prompts_per_step]
+            clock = Stopwatch()
             print(f"[step {k}/{args.steps}] sampling on weight version {v0 + global_step} ...", flush=True)
 
-            # 1. Rollouts. Prompt i of this step is seeded seed_k + i (the client's rule);
-            # seeds of different steps do not overlap.
-            problems = make_problems(rng, args.prompts_per_step)
-            batch = client.rollouts(
-                messages=[m for m, _ in problems], n=args.group_size, max_tokens=args.max_tokens,
-                schedule=args.schedule, step=step_arg(args.schedule, global_step),
-                seed=(args.seed * 1_000_003 + global_step * args.prompts_per_step) % 2**31,
-                return_target_logprobs=True,
-            )
-            times["rollout"] = time.perf_counter() - t
-            if batch.weight_version != v0 + global_step:
-                raise Fatal(f"rollouts came from weight version {batch.weight_version}, expected "
-                            f"{v0 + global_step}: another process reloaded the server")
+            batch = rollout(client, step_problems, args, global_step, v0 + global_step)
+            clock.lap("rollout")
 
-            # 2. Rewards and group-normalised advantages.
-            t = time.perf_counter()
-            golds = [gold for _, gold in problems for _ in range(args.group_size)]
-            rewards = np.array([reward(r.text, g) for r, g in zip(batch.rollouts, golds)])
+            rewards = grade(batch, [p.answer for p in step_problems for _ in range(args.group_size)], grader)
             advantages = group_advantages(rewards, args.group_size)
-            times["reward"] = time.perf_counter() - t
+            clock.lap("reward")
 
-            # 3-4. Trainer forward, TIS weights, policy-gradient loss, one AdamW step.
-            t = time.perf_counter()
-            rollouts = batch.rollouts
-            num_tokens = sum(len(r.token_ids) for r in rollouts)
-            old_rows: list[list[float]] = []
-            entropy_sum = 0.0
-            loss_total = 0.0
-            optimizer.zero_grad(set_to_none=True)
-            for start in range(0, len(rollouts), args.micro_batch_size):
-                part = rollouts[start : start + args.micro_batch_size]
-                logp, entropy, mask = completion_logprobs(
-                    model, [r.prompt_token_ids for r in part], [r.token_ids for r in part], pad_id)
-                old = ragged(logp, mask)  # pi_old = pi_theta before this (only) update
-                old_rows += old
-                entropy_sum += float(entropy.sum())
-                # Per-sequence weights: a micro-batch holds whole sequences, so these are
-                # the same weights as over the whole batch (whose stats are taken below).
-                tis = tis_weights([r.behavior_logprobs for r in part], old, level=args.tis_level,
-                                  mode=args.tis_mode, cap=args.tis_cap)
-                w = torch.from_numpy(tis.weights).float()
-                adv = torch.tensor(advantages[start : start + len(part)], dtype=torch.float32).unsqueeze(1)
-                # Token-level policy gradient (DAPO; TRL's loss_type="dapo"): every valid
-                # token of the batch counts once, sum / number of tokens, so long
-                # completions are not down-weighted as in per-sequence means. The TIS
-                # weight w = min(pi_old / pi_b, cap) is a constant; the gradient is
-                # w * A * grad log pi_theta. With one step per batch pi_theta = pi_old,
-                # so PPO's ratio and clipping would be 1 and no-ops: left out.
-                loss = -(w * adv * logp * mask).sum() / num_tokens
-                loss.backward()
-                loss_total += float(loss.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf")))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            times["train"] = time.perf_counter() - t
-
-            # Whole-batch TIS statistics and the trainer-vs-engine check.
-            tis = tis_weights([r.behavior_logprobs for r in rollouts], old_rows, level=args.tis_level,
-                              mode=args.tis_mode, cap=args.tis_cap)
-            diffs = np.concatenate([np.abs(np.array(o) - np.array(r.target_logprobs))
-                                    for o, r in zip(old_rows, rollouts)])
-            diff_max = float(diffs.max())
-            if args.logprob_tol > 0 and not diff_max <= args.logprob_tol:
+            result = train(trainer, batch, advantages, args)
+            clock.lap("train")
+            diffs = engine_difference(batch, result.old_rows)
+            if args.logprob_tol > 0 and not diffs.max() <= args.logprob_tol:
                 raise Fatal(
                     f"step {k}: the trainer's log-probs differ from the engine's target log-probs by up to "
-                    f"{diff_max:.3g} (> --logprob-tol {args.logprob_tol}): the server(s) do not serve the "
+                    f"{diffs.max():.3g} (> --logprob-tol {args.logprob_tol}): the server(s) do not serve the "
                     f"trainer's weights. Start them from --model-dir {args.model_dir} (a server that was "
                     "reloaded earlier keeps the reloaded weights) and run again.")
-
-            # How far the update moved the policy on this batch (one more forward, no
-            # grad): it shows that the next step's trainer-vs-engine check is meaningful.
-            shift_max: float | None = None
-            shift_mean: float | None = None
+            shift = None
             if not args.no_shift:
-                t = time.perf_counter()
-                shift_max, shift_sum = 0.0, 0.0
-                with torch.no_grad():
-                    for start in range(0, len(rollouts), args.micro_batch_size):
-                        part = rollouts[start : start + args.micro_batch_size]
-                        logp, _, mask = completion_logprobs(
-                            model, [r.prompt_token_ids for r in part], [r.token_ids for r in part], pad_id)
-                        for new, old in zip(ragged(logp, mask), old_rows[start : start + len(part)]):
-                            delta = np.abs(np.array(new) - np.array(old))
-                            shift_max = max(shift_max, float(delta.max()))
-                            shift_sum += float(delta.sum())
-                shift_mean = shift_sum / num_tokens
-                times["shift"] = time.perf_counter() - t
+                shift = policy_shift(trainer, batch, result.old_rows, args.micro_batch_size)
+                clock.lap("shift")
 
-            # 5. Checkpoint and reload.
-            t = time.perf_counter()
-            path = save_checkpoint(model, tokenizer, root, k)
-            times["save"] = time.perf_counter() - t
-            t = time.perf_counter()
+            # Publish: the next step samples on these weights.
+            path = save_checkpoint(trainer.model, trainer.tokenizer, root, k)
+            clock.lap("save")
             version = reload(client, path, v0 + k, args)
-            times["reload"] = time.perf_counter() - t
-            times["total"] = time.perf_counter() - t_step
+            clock.lap("reload")
 
-            groups = rewards.reshape(-1, args.group_size)
-            temps, tmask = batch.temperatures()
-            record: dict[str, Any] = {
-                "step": k,
-                "global_step": global_step,
-                "rollout_weight_version": batch.weight_version,
-                "weight_version": version,
-                "checkpoint": str(path),
-                "decay": batch.schedule.decay if batch.schedule else None,
-                "num_rollouts": len(rollouts),
-                "num_tokens": num_tokens,
-                "reward_mean": float(rewards.mean()),
-                "groups_with_signal": int((groups.std(axis=1) > 0).sum()),
-                "response_length_mean": float(batch.lengths().mean()),
-                "finished_fraction": float(np.mean([r.finish_reason == "stop" for r in rollouts])),
-                "temperature_mean": float(temps[tmask].mean()),
-                "entropy_mean": entropy_sum / num_tokens,
-                "behavior_logprob_mean": float(np.mean(np.concatenate([r.behavior_logprobs for r in rollouts]))),
-                "old_logprob_mean": float(np.mean(np.concatenate(old_rows))),
-                **tis.metrics(prefix="tis_"),
-                "logprob_diff_max": diff_max,
-                "logprob_diff_mean": float(diffs.mean()),
-                "policy_shift_max": shift_max,
-                "policy_shift_mean": shift_mean,
-                "loss": loss_total,
-                "grad_norm": grad_norm,
-                "seconds": {name: round(value, 3) for name, value in times.items()},
-            }
+            record = step_record(k, batch, rewards, result, diffs, shift, path, version, clock.stop(),
+                                 args.group_size)
             records.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            clip = "clipped" if args.tis_mode == "truncate" else "masked"
-            print(
-                f"[step {k}/{args.steps}] v{batch.weight_version}->v{version} | reward {record['reward_mean']:.3f} "
-                f"({record['groups_with_signal']}/{len(groups)} groups with signal) | len "
-                f"{record['response_length_mean']:.1f} | entropy {record['entropy_mean']:.3f} | TIS mean "
-                f"{tis.mean:.3f} ess {tis.ess:.3f} {clip} {record['tis_' + clip + '_fraction']:.3f} | "
-                f"|old-target| max {diff_max:.2e} | "
-                + (f"shift {shift_max:.2e} | " if shift_max is not None else "")
-                + fmt_seconds(times),
-                flush=True,
-            )
-    finally:
-        client.close()
-        if log_file:
-            log_file.close()
+            print(step_line(record, args.steps, len(step_problems), args.tis_mode), flush=True)
     return records
 
 
