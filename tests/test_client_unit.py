@@ -590,8 +590,9 @@ def test_version_comes_from_the_package_metadata() -> None:
     assert EADClient("http://h:1")._http.headers["User-Agent"] == f"ead-client/{ead_client.__version__}"
 
 
-def ok_body(n: int = 1, version: int = 0) -> dict[str, Any]:
-    return {"weight_version": version, "rollouts": [rollout(0, s, [1]) for s in range(n)]}
+def ok_body() -> dict[str, Any]:
+    """A valid answer to a one-prompt, n = 1 request."""
+    return {"weight_version": 0, "rollouts": [rollout(0, 0, [1])]}
 
 
 def test_rollout_flow_fails_over_at_once_then_succeeds() -> None:
@@ -677,8 +678,9 @@ class ScriptedServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests += 1
                 if status == 200:
-                    reply = ok_body(body["n"])
-                    reply["rollouts"] = [rollout(p, s, [1]) for p in range(len(body["prompts"])) for s in range(body["n"])]
+                    prompts, n = len(body["prompts"]), body["n"]
+                    samples = [rollout(p, s, [1]) for p in range(prompts) for s in range(n)]
+                    reply = {"weight_version": 0, "rollouts": samples}
                 else:
                     reply = {"error": {"message": f"scripted {status}", "param": "n"}}
                 data = json.dumps(reply).encode()

@@ -90,7 +90,8 @@ ADV_EPS = 1e-4  # TRL's epsilon in (r - mean) / (std + eps)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="GRPO + truncated importance sampling on the benchmark's built-in problems, with ead-server rollouts.",
+        description="GRPO + truncated importance sampling on the benchmark's built-in problems, with "
+                    "ead-server rollouts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--base-url", action="append", default=None,
