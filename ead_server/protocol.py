@@ -6,9 +6,9 @@ They generate the OpenAPI document (``/openapi.json``) beside vLLM's routes. The
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validator
 
 from ead_server.schedule import ResolvedSchedule, TemperatureSchedule
 
@@ -25,15 +25,21 @@ class RolloutRequest(_Request):
         None, description="prompts used as-is: strings (tokenized with the model's tokenizer) or token-id lists")
     messages: list[list[dict[str, Any]]] | None = Field(
         None, description="chat conversations; the model's chat template is applied with a generation prompt")
-    n: int = Field(1, ge=1, le=1024, description="samples per prompt")
-    max_tokens: int = Field(256, ge=1)
-    stop: list[str] | None = None
+    # Values are checked where /v1/completions checks them (vLLM's SamplingParams and the
+    # request policy), so both routes refuse the same request with the same `param`.
+    n: int = Field(1, description="samples per prompt")
+    max_tokens: int = Field(256, description="tokens per sample; prompt + max_tokens must fit the context")
+    stop: str | list[str] | None = None
     seed: int | list[int] | None = Field(
         None, description="one seed for the call (prompt i is seeded seed + i, like a one-prompt request seeded seed + i), or one seed per "
                           "prompt; sample j of a prompt gets an independent stream derived from (seed, j)")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    temperature_schedule: TemperatureSchedule | None = None
+    temperature: float | None = Field(
+        None, description="a fixed temperature for requests without a schedule (default 1.0); with a "
+                          "temperature_schedule it must be unset or 1.0")
+    top_p: float | None = None
+    top_k: int | None = None
+    # Parsed by the request policy, as on /v1/completions (the schema still shows the object).
+    temperature_schedule: Annotated[TemperatureSchedule | None, SkipValidation] = None
     return_target_logprobs: bool = Field(
         False, description="also return log-probs of the generated tokens at temperature 1, no truncation")
 

@@ -36,9 +36,10 @@ NEUTRAL_SAMPLING: dict[str, float | int] = {
 
 
 class PolicyError(ValueError):
-    """A request the rules refuse; ``param`` is the full dotted name of the field to fix."""
+    """A request the rules refuse; ``param`` is the full dotted name of the field to fix
+    (``None`` where vLLM, whose checks some paths share, names none)."""
 
-    def __init__(self, message: str, param: str) -> None:
+    def __init__(self, message: str, param: str | None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param

@@ -25,7 +25,7 @@ from ead_server.checkpoints import check_compatible, resolve_under, stage_tied_h
 from ead_server.errors import APIError
 from ead_server.openai_middleware import REQUESTS, ScheduleMiddleware
 from ead_server.protocol import ReloadRequest, Rollout, RolloutRequest, RolloutResponse, WeightsInfo
-from ead_server.request_policy import PolicyError, resolve_schedule
+from ead_server.request_policy import PolicyError, check_temperature, resolve_schedule
 from ead_server.schedule import ResolvedSchedule
 from ead_server.vllm_adapter import engine as vllm_engine
 from ead_server.weight_gate import WeightGate
@@ -138,21 +138,33 @@ async def _load(engine: Any, folder: Path, table: dict) -> None:
 @router.post("/v1/rollouts", response_model=RolloutResponse)
 async def rollouts(body: RolloutRequest, state: _State = Depends(_state)) -> RolloutResponse:
     """Token-level rollouts with behaviour (and optionally target) log-probs."""
-    try:
+    seeds = body.seed if isinstance(body.seed, list) else [
+        None if body.seed is None else body.seed + i for i in range(len(body.prompts or body.messages or []))
+    ]
+    try:  # the checks /v1/completions makes, in its order: the schedule, then vLLM's
         schedule = resolve_schedule(body.temperature_schedule)
+        if schedule is not None:
+            check_temperature(body.temperature)
+        params = [vllm_engine.rollout_params(n=body.n, max_tokens=body.max_tokens, stop=body.stop, seed=seed,
+                                             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                             schedule=schedule) for seed in seeds]
     except PolicyError as exc:
         raise APIError(400, exc.message, exc.param) from None
     REQUESTS.labels("rollouts", schedule.type if schedule else "none").inc()
     tokenizer = state.engine.get_tokenizer()
     prompts = body.prompts if body.prompts is not None else body.messages
     prompt_ids = [_prompt_ids(tokenizer, p, chat=body.messages is not None) for p in prompts]
-    seeds = body.seed if isinstance(body.seed, list) else [
-        None if body.seed is None else body.seed + i for i in range(len(prompt_ids))
-    ]
+    context = vllm_engine.context_length(state.engine)
+    for ids in prompt_ids:
+        if len(ids) + body.max_tokens > context:
+            raise APIError(400, f"this model's context is {context} tokens; a prompt of {len(ids)} tokens leaves "
+                                f"room for {context - len(ids)} new tokens, not max_tokens={body.max_tokens}",
+                           "max_tokens")
+    temperature = 1.0 if body.temperature is None else body.temperature
     async with state.gate.reading() as weight_version:
         per_prompt = await asyncio.gather(*(
-            _rollouts_for_prompt(state.engine, i, ids, seed, schedule, body) for i, (ids, seed) in
-            enumerate(zip(prompt_ids, seeds))
+            _rollouts_for_prompt(state.engine, i, ids, p, schedule, temperature, body) for i, (ids, p) in
+            enumerate(zip(prompt_ids, params))
         ))
     return RolloutResponse(weight_version=weight_version, temperature_schedule=schedule,
                            rollouts=[r for group in per_prompt for r in group])
@@ -168,11 +180,9 @@ def _prompt_ids(tokenizer: Any, prompt: Any, *, chat: bool) -> list[int]:
 
 
 async def _rollouts_for_prompt(
-    engine: Any, index: int, prompt_ids: list[int], seed: int | None, schedule: ResolvedSchedule | None,
-    body: RolloutRequest,
+    engine: Any, index: int, prompt_ids: list[int], params: Any, schedule: ResolvedSchedule | None,
+    temperature: float, body: RolloutRequest,
 ) -> list[Rollout]:
-    params = vllm_engine.rollout_params(n=body.n, max_tokens=body.max_tokens, stop=body.stop, seed=seed,
-                                         top_p=body.top_p, top_k=body.top_k, schedule=schedule)
     request_id = f"rollout-{uuid.uuid4().hex}"
     output = await vllm_engine.generate(engine, prompt_ids, params, request_id)
     completions = sorted(output.outputs, key=lambda c: c.index)
@@ -186,7 +196,7 @@ async def _rollouts_for_prompt(
         Rollout(
             prompt_index=index, sample_index=c.index, prompt_token_ids=prompt_ids, token_ids=list(c.token_ids),
             text=c.text, finish_reason=c.finish_reason, behavior_logprobs=vllm_engine.completion_logprobs(c),
-            temperatures=schedule.temperatures(len(c.token_ids)) if schedule else [1.0] * len(c.token_ids),
+            temperatures=schedule.temperatures(len(c.token_ids)) if schedule else [temperature] * len(c.token_ids),
             target_logprobs=target,
         )
         for c, target in zip(completions, targets)

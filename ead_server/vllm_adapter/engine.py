@@ -7,11 +7,11 @@ from typing import Any
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
-from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY
+from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY, PolicyError
 from ead_server.schedule import ResolvedSchedule
 
-__all__ = ["LOGPROBS_MODE", "completion_logprobs", "generate", "reload_weights", "rollout_params",
-           "schedule_extra_args", "target_logprobs", "vllm_version"]
+__all__ = ["LOGPROBS_MODE", "completion_logprobs", "context_length", "generate", "reload_weights",
+           "rollout_params", "schedule_extra_args", "target_logprobs", "vllm_version"]
 
 LOGPROBS_MODE = "processed_logprobs"
 """The engine's ``logprobs_mode`` under which returned log-probs are behaviour log-probs:
@@ -29,19 +29,31 @@ def schedule_extra_args(schedule: ResolvedSchedule, extra_args: dict[str, Any] |
     return {**(extra_args or {}), SCHEDULE_KEY: schedule.as_request()}
 
 
+def context_length(engine: Any) -> int:
+    """The model's context length (``--max-model-len``): prompt plus output tokens."""
+    return engine.model_config.max_model_len
+
+
 def rollout_params(
-    *, n: int, max_tokens: int, stop: list[str] | None, seed: int | None, top_p: float | None,
-    top_k: int | None, schedule: ResolvedSchedule | None,
+    *, n: int, max_tokens: int, stop: str | list[str] | None, seed: int | None, temperature: float | None,
+    top_p: float | None, top_k: int | None, schedule: ResolvedSchedule | None,
 ) -> SamplingParams:
-    """Sampling settings of a rollout: temperature 1 (the schedule sets each token's),
-    the neutral settings of the request policy unless asked, and the sampled token's
-    log-prob returned. vLLM's own checks run here (a 400 naming the field)."""
+    """Sampling settings of a rollout: the request policy's neutral settings unless asked,
+    temperature 1 under a schedule (which sets each token's), and the sampled token's
+    log-prob returned.
+
+    vLLM's own checks of the values run here, as they do for ``/v1/completions``; a
+    refusal is a :class:`PolicyError` naming the field as vLLM names it.
+    """
     chosen = {k: v for k, v in {"top_p": top_p, "top_k": top_k}.items() if v is not None}
-    return SamplingParams(
-        n=n, max_tokens=max_tokens, stop=stop, seed=seed, temperature=1.0, logprobs=0,
-        **{**NEUTRAL_SAMPLING, **chosen},
-        extra_args=schedule_extra_args(schedule) if schedule else None, output_kind=RequestOutputKind.FINAL_ONLY,
-    )
+    try:
+        return SamplingParams(
+            n=n, max_tokens=max_tokens, stop=stop, seed=seed, logprobs=0,
+            temperature=1.0 if temperature is None else temperature, **{**NEUTRAL_SAMPLING, **chosen},
+            extra_args=schedule_extra_args(schedule) if schedule else None, output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+    except ValueError as exc:  # VLLMValidationError carries the field as `parameter`
+        raise PolicyError(str(exc.args[0]) if exc.args else str(exc), getattr(exc, "parameter", None)) from None
 
 
 async def generate(engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str) -> Any:

@@ -1,0 +1,92 @@
+"""One request policy: the rules alone, and the two routes that share fields agreeing.
+
+``/v1/completions`` (vLLM's route behind our middleware) and ``/v1/rollouts`` (ours)
+take the schedule, ``seed``, ``top_p``, ``top_k``, ``n``, ``max_tokens`` and ``stop``.
+The same bad value must get the same status and the same ``param`` from both, so a
+client can handle a refusal one way whichever route it used.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from ead_server.request_policy import NEUTRAL_SAMPLING, PolicyError, check_temperature, resolve_schedule
+
+# (fields, param both routes must name); None: vLLM names no field for it.
+SHARED = [
+    ({"temperature_schedule": {"tau_min": 3}}, "temperature_schedule.tau_min"),
+    ({"temperature_schedule": {"warmup": -1}}, "temperature_schedule.warmup"),
+    ({"temperature_schedule": {"type": "cosine"}}, "temperature_schedule.type"),
+    ({"temperature_schedule": {"decay": 5, "decay_schedule": {"step": 1}}}, "temperature_schedule.decay"),
+    ({"temperature_schedule": "not json"}, "temperature_schedule"),
+    ({"temperature_schedule": [1, 2]}, "temperature_schedule"),
+    ({"temperature_schedule": {}, "temperature": 0}, "temperature"),
+    ({"temperature_schedule": {}, "temperature": 0.7}, "temperature"),
+    ({"seed": "abc"}, "body.seed"),
+    ({"seed": 1.5}, "body.seed"),
+    ({"top_p": 2.0}, "top_p"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_k": -5}, None),
+    ({"n": 0}, None),
+    ({"n": "two"}, "body.n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -3}, "max_tokens"),
+    ({"max_tokens": 100_000}, "max_tokens"),  # beyond the context (512)
+    ({"stop": 123}, "body.stop"),
+    ({"stop": [1, 2]}, "body.stop"),
+]
+
+
+def test_policy_rules_alone():
+    assert resolve_schedule(None) is None
+    assert resolve_schedule('{"type": "constant", "tau": 0.5}').tau == 0.5
+    with pytest.raises(PolicyError) as err:
+        resolve_schedule({"warmup": -1}, key="vllm_xargs.temperature_schedule")
+    assert err.value.param == "vllm_xargs.temperature_schedule.warmup"
+    with pytest.raises(PolicyError) as err:
+        resolve_schedule(7)
+    assert err.value.param == "temperature_schedule"  # the whole field, no trailing dot
+    for ok in (None, 1, 1.0):
+        check_temperature(ok)
+    for bad in (0, 0.0, 0.5, 2):
+        with pytest.raises(PolicyError, match="temperature must be unset or 1.0") as err:
+            check_temperature(bad)
+        assert err.value.param == "temperature"
+    assert NEUTRAL_SAMPLING["top_k"] == 0 and NEUTRAL_SAMPLING["top_p"] == 1.0
+
+
+def test_the_bench_and_the_engine_use_the_policy_neutral_settings(tiny_model_dir):
+    from ead_server.bench import generate
+    from ead_server.schedule import parse_schedule
+    from ead_server.vllm_adapter.engine import rollout_params
+
+    params = rollout_params(n=1, max_tokens=4, stop=None, seed=None, temperature=None, top_p=None, top_k=None,
+                            schedule=parse_schedule({}))
+    assert {k: getattr(params, k) for k in NEUTRAL_SAMPLING} == NEUTRAL_SAMPLING
+    schedule = type("S", (), {"is_constant": False, "spec": {}, "resolved": None})()
+    _, extra = generate._sampling(schedule)
+    assert {k: extra[k] for k in NEUTRAL_SAMPLING} == NEUTRAL_SAMPLING
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(("fields", "param"), SHARED, ids=[str(f) for f, _ in SHARED])
+def test_completions_and_rollouts_refuse_alike(server, model_name, fields, param):
+    completion = httpx.post(f"{server.base_url}/completions",
+                            json={"model": model_name, "prompt": "hi", "max_tokens": 4, **fields}, timeout=60)
+    rollout = httpx.post(f"{server.base_url}/rollouts", json={"prompts": ["hi"], "max_tokens": 4, **fields}, timeout=60)
+    for response in (completion, rollout):
+        assert response.status_code == 400, (response.request.url, response.text)
+        error = response.json()["error"]
+        assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+    assert completion.json()["error"]["param"] == param
+    assert rollout.json()["error"]["param"] == param
+
+
+@pytest.mark.engine
+def test_rollouts_take_a_fixed_temperature_without_a_schedule(server):
+    body = {"prompts": ["hi"], "max_tokens": 5, "temperature": 0.5, "seed": 3}
+    response = httpx.post(f"{server.base_url}/rollouts", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    rollout = response.json()["rollouts"][0]
+    assert rollout["temperatures"] == [0.5] * len(rollout["token_ids"])
