@@ -2,8 +2,21 @@
 
 Every sampled step in vLLM already pays ``logits.div_(temp.unsqueeze(1))``; EAD replaces
 that op, so the number that matters is its cost relative to that baseline, measured in
-one run on one machine. Columns: (a) the baseline, (b) our PyTorch path (schedule in
-float64 plus the same division), (c) our Triton kernel when CUDA is available.
+one run on one machine. Columns, each a median in microseconds and its ratio to (a):
+
+(a) ``base``: the baseline division;
+(b) ``torch``: our PyTorch path on the V1 runner's row layout (schedule in float64
+    plus the same division);
+(c) ``slots``: the same on Model Runner V2's slot layout (rows mapped to request
+    slots, ``t`` from ``pos`` and ``prompt_len``): Triton on a GPU, PyTorch elsewhere;
+(d) ``triton``: the Triton kernel on the row layout (GPU only);
+(e) ``naive``: a per-row Python processor in the style of the authors' released code
+    (one temperature computed in Python and one division per row), the cost EAD has
+    without a batched kernel.
+
+On a GPU it also times a device-to-device copy of the same bytes (``copy``): the
+kernel reads and writes each logit once, so ``copy / triton`` is the fraction of the
+achievable bandwidth it reaches.
 
 Each timed call starts from a fresh copy of the logits (copied outside the timed region)
 so repeated in-place division cannot drift into denormals or infinities.
@@ -24,9 +37,12 @@ from typing import Callable
 
 import torch
 
+import math
+
 from .temperature import (
     KIND_EAD,
     NUM_PARAMS,
+    apply_schedule_slots_,
     apply_schedule_torch_,
     apply_schedule_triton_,
     triton_available,
@@ -35,14 +51,42 @@ from .temperature import (
 Op = Callable[[torch.Tensor], object]
 
 
+PARAMS = (1.2, 0.1, 1.0, 10.0, 20.0 * 25.0)  # released-code EAD: tau_max, tau_min, tau, warmup, k * d
+
+
 def _rows(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Released-code EAD rows at positions spread over warm-up, anneal and clamp."""
     g = torch.Generator().manual_seed(batch)
     positions = torch.randint(0, 1000, (batch,), generator=g)
     kinds = torch.full((batch,), KIND_EAD, dtype=torch.int32)
-    params = torch.tensor([[1.2, 0.1, 1.0, 10.0, 20.0 * 25.0]], dtype=torch.float64).expand(batch, NUM_PARAMS)
+    params = torch.tensor([PARAMS], dtype=torch.float64).expand(batch, NUM_PARAMS)
     temps = torch.rand(batch, generator=g) + 0.1  # the baseline's per-row temperatures
     return positions.to(device), kinds.to(device), params.contiguous().to(device), temps.to(device)
+
+
+def _slots(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same rows in Model Runner V2's layout: a shuffled row -> slot map over a
+    table twice the batch, with ``pos`` and ``prompt_len`` that give the same ``t``."""
+    batch, device = positions.shape[0], positions.device
+    g = torch.Generator().manual_seed(batch + 1)
+    slots = torch.randperm(2 * batch, generator=g)[:batch].to(device=device, dtype=torch.int32)
+    prompt_len = torch.randint(1, 4000, (2 * batch,), generator=g, dtype=torch.int32).to(device)
+    table_kinds = torch.zeros(2 * batch, dtype=torch.int32, device=device)
+    table_params = torch.ones(2 * batch, NUM_PARAMS, dtype=torch.float64, device=device)
+    index = slots.long()
+    table_kinds[index], table_params[index] = kinds, params
+    pos = positions + prompt_len[index].long() - 1
+    return slots, pos, prompt_len, table_kinds, table_params
+
+
+def naive_processor(logits: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """One row at a time, the temperature computed in Python per row, as the authors'
+    released code does in its vLLM logits processor (``annealed_sampling.py``)."""
+    tau_max, tau_min, _, warmup, scale = PARAMS
+    for row, t in enumerate(positions):
+        temp = 1.0 if t < warmup else max(1.0 + tau_max - math.exp(t / scale), tau_min)
+        logits[row].div_(temp)
+    return logits
 
 
 def _time_ms(op: Op, work: torch.Tensor, source: torch.Tensor) -> float:
@@ -81,32 +125,45 @@ def run(
     for vocab in vocab_sizes:
         for batch in batch_sizes:
             positions, kinds, params, temps = _rows(batch, device)
+            slot_args = _slots(positions, kinds, params)
+            host_positions = positions.tolist()
             logits = (torch.randn(batch, vocab, device=device) * 8).to(dtype)
+            copy_target = torch.empty_like(logits)
             ops: dict[str, Op] = {
                 "baseline": lambda x: x.div_(temps.unsqueeze(1)),
                 "torch": lambda x: apply_schedule_torch_(x, positions, kinds, params),
+                "slots": lambda x: apply_schedule_slots_(x, *slot_args),
+                "naive": lambda x: naive_processor(x, host_positions),
             }
             if use_triton:
                 ops["triton"] = lambda x: apply_schedule_triton_(x, positions, kinds, params)
-            row: dict[str, float | int | None] = {"batch": batch, "vocab": vocab, "triton": None}
+                ops["copy"] = lambda x: copy_target.copy_(x)
+            row: dict[str, float | int | None] = {"batch": batch, "vocab": vocab, "triton": None, "copy": None}
             row.update(_median_ms(ops, logits, warmup, repeats))
             results.append(row)
             del logits
     return results
 
 
+COLUMNS = ("torch", "slots", "triton", "naive")
+
+
 def format_table(results: list[dict[str, float | int | None]]) -> str:
-    """Medians in microseconds and each path's ratio to the baseline."""
-    header = f"{'vocab':>7} {'batch':>5} | {'baseline us':>11} | {'torch us':>10} {'x base':>7} | {'triton us':>10} {'x base':>7}"
+    """Medians in microseconds, each path's ratio to the baseline, and on a GPU the
+    Triton kernel's bandwidth as a share of a copy of the same bytes."""
+    header = f"{'vocab':>7} {'batch':>5} | {'base us':>9} | " + " | ".join(
+        f"{name + ' us':>10} {'x base':>7}" for name in COLUMNS) + f" | {'% copy bw':>9}"
     lines = [header, "-" * len(header)]
     for r in results:
         base = float(r["baseline"])  # type: ignore[arg-type]
-        cells = [f"{r['vocab']:>7} {r['batch']:>5} | {base * 1e3:>11.1f}"]
-        for name in ("torch", "triton"):
+        cells = [f"{r['vocab']:>7} {r['batch']:>5} | {base * 1e3:>9.1f}"]
+        for name in COLUMNS:
             value = r[name]
             cells.append(
                 f"{'-':>10} {'-':>7}" if value is None else f"{float(value) * 1e3:>10.1f} {float(value) / base:>7.2f}"
             )
+        share = None if r["copy"] is None or r["triton"] is None else 100 * float(r["copy"]) / float(r["triton"])
+        cells.append(f"{'-':>9}" if share is None else f"{share:>9.0f}")
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 

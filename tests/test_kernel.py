@@ -405,3 +405,15 @@ def test_import_does_not_need_triton() -> None:
     code = "import sys, ead_kernels; assert 'triton' not in sys.modules, 'triton imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert set(ead_kernels.__all__) >= {"apply_schedule_", "schedule_temperatures", "KIND_NONE", "NUM_PARAMS"}
+
+
+@needs_triton
+def test_the_gpu_check_correctness_pass_runs_here_under_the_interpreter() -> None:
+    """scripts/gpu-check.sh's first step, on small shapes: it must be runnable and green
+    before it is spent on a GPU, and it must catch a wrong kernel."""
+    from ead_kernels import gpu_check
+
+    cases = gpu_check.check_correctness(DEVICE, quick=True)
+    assert len(cases) == 12 and all(c["ok"] for c in cases), [c for c in cases if not c["ok"]]
+    assert all(c["none_rows_identical"] for c in cases)
+    assert sum(c["bit_identical"] for c in cases) == sum(c["elements"] for c in cases)  # the interpreter is exact
