@@ -1,4 +1,5 @@
-"""ead-server's additions to vLLM's OpenAI app: middleware, rollouts and weight routes.
+"""ead-server's additions to vLLM's OpenAI app: middleware, rollouts, and the weight routes
+of :mod:`ead_server.weights`.
 
 vLLM calls them through our endpoint plugin (``ead_server.vllm_adapter.serving``):
 :func:`attach` while it builds the app, :func:`init_state` once the engine exists. Auth
@@ -10,40 +11,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
-import os
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI
 from starlette.datastructures import State
 
-from ead_server import __version__
-from ead_server.checkpoints import check_compatible, resolve_under, stage_tied_head
+from ead_server import __version__, weights
+from ead_server.app_state import AppState, ServerConfig, get_state
 from ead_server.errors import APIError
 from ead_server.openai_middleware import REQUESTS, ScheduleMiddleware
-from ead_server.protocol import ReloadRequest, Rollout, RolloutRequest, RolloutResponse, WeightsInfo
+from ead_server.protocol import Rollout, RolloutRequest, RolloutResponse
 from ead_server.request_policy import PolicyError, check_temperature, resolve_schedule
 from ead_server.schedule import ResolvedSchedule
 from ead_server.vllm_adapter import engine as vllm_engine
 from ead_server.weight_gate import WeightGate
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    model_path: str
-    admin_key: str | None = None
-    weights_root: Path | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
-        """From ``ead-server serve``'s flags, or, under stock ``vllm serve`` (which lacks
-        them), from ``$EAD_ADMIN_KEY`` and ``$EAD_WEIGHTS_ROOT``."""
-        admin_key = getattr(args, "admin_key", None) or os.environ.get("EAD_ADMIN_KEY")
-        root = getattr(args, "weights_root", None) or os.environ.get("EAD_WEIGHTS_ROOT")
-        return cls(model_path=args.model, admin_key=admin_key, weights_root=Path(root) if root else None)
 
 
 def attach(app: FastAPI) -> None:
@@ -58,33 +40,14 @@ def attach(app: FastAPI) -> None:
     app.add_middleware(ScheduleMiddleware, gate=gate)
     app.add_exception_handler(APIError, lambda _request, exc: exc.response())
     app.include_router(router)
+    app.include_router(weights.router)
 
 
 def init_state(engine: Any, state: State, args: argparse.Namespace) -> None:
     """Give the routes the engine and the configuration, once the engine exists."""
     config = ServerConfig.from_args(args)
     state.ead_gate.path = config.model_path
-    state.ead = _State(engine=engine, config=config, gate=state.ead_gate)
-
-
-@dataclass
-class _State:
-    engine: Any
-    config: ServerConfig
-    gate: WeightGate
-
-
-def _state(request: Request) -> _State:
-    return request.app.state.ead
-
-
-def _require_admin(request: Request) -> None:
-    key = _state(request).config.admin_key
-    if key is None:
-        return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-        raise APIError(401, "admin route: send 'Authorization: Bearer <admin key>'")
+    state.ead = AppState(engine=engine, config=config, gate=state.ead_gate)
 
 
 router = APIRouter()
@@ -95,48 +58,8 @@ async def version() -> dict[str, str]:
     return {"version": vllm_engine.vllm_version(), "ead_server": __version__}
 
 
-@router.get("/v1/weights", response_model=WeightsInfo)
-async def weights(state: _State = Depends(_state)) -> WeightsInfo:
-    return WeightsInfo(weight_version=state.gate.version, path=state.gate.path)
-
-
-@router.post("/v1/weights/reload", response_model=WeightsInfo, dependencies=[Depends(_require_admin)])
-async def reload(body: ReloadRequest, state: _State = Depends(_state)) -> WeightsInfo:
-    """Load a same-architecture safetensors checkpoint under ``--weights-root``.
-
-    Requests in flight finish on the old weights; new ones wait and then run on the new
-    ones. A checkpoint that fails the checks is refused before the engine sees it; one
-    that fails inside the engine is answered 500 after the previous weights are loaded
-    back.
-    """
-    root = state.config.weights_root
-    if root is None:
-        raise APIError(403, "weight reload is disabled: start the server with --weights-root DIR", "path")
-    folder = resolve_under(root, body.path)
-    table = check_compatible(folder, Path(state.config.model_path))
-    async with state.gate.writing():  # one reload at a time, alone with the engine
-        try:
-            await _load(state.engine, folder, table)
-        except Exception as exc:  # noqa: BLE001 - any engine failure: restore, then report
-            previous = Path(state.gate.path or state.config.model_path)
-            await _load(state.engine, previous, check_compatible(previous, Path(state.config.model_path)))
-            raise APIError(500, f"reload failed inside the engine ({exc}); the previous weights "
-                                f"(version {state.gate.version}) are serving again") from None
-        state.gate.commit(str(folder))
-    return WeightsInfo(weight_version=state.gate.version, path=state.gate.path)
-
-
-async def _load(engine: Any, folder: Path, table: dict) -> None:
-    staging = stage_tied_head(folder, table)
-    try:
-        await vllm_engine.reload_weights(engine, staging.name if staging else str(folder))
-    finally:
-        if staging:
-            staging.cleanup()
-
-
 @router.post("/v1/rollouts", response_model=RolloutResponse)
-async def rollouts(body: RolloutRequest, state: _State = Depends(_state)) -> RolloutResponse:
+async def rollouts(body: RolloutRequest, state: AppState = Depends(get_state)) -> RolloutResponse:
     """Token-level rollouts with behaviour (and optionally target) log-probs."""
     seeds = body.seed if isinstance(body.seed, list) else [
         None if body.seed is None else body.seed + i for i in range(len(body.prompts or body.messages or []))

@@ -1,0 +1,55 @@
+"""What our routes share: the configuration, the engine, the weight gate, admin auth.
+
+Built once the engine exists (:func:`ead_server.server.init_state`) and stored on the
+app's state; routes get it through the :func:`get_state` dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from ead_server.errors import APIError
+from ead_server.weight_gate import WeightGate
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_path: str
+    admin_key: str | None = None
+    weights_root: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
+        """From ``ead-server serve``'s flags, or, under stock ``vllm serve`` (which lacks
+        them), from ``$EAD_ADMIN_KEY`` and ``$EAD_WEIGHTS_ROOT``."""
+        admin_key = getattr(args, "admin_key", None) or os.environ.get("EAD_ADMIN_KEY")
+        root = getattr(args, "weights_root", None) or os.environ.get("EAD_WEIGHTS_ROOT")
+        return cls(model_path=args.model, admin_key=admin_key, weights_root=Path(root) if root else None)
+
+
+@dataclass
+class AppState:
+    engine: Any
+    config: ServerConfig
+    gate: WeightGate
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.ead
+
+
+def require_admin(request: Request) -> None:
+    """Dependency of admin routes: ``Authorization: Bearer <admin key>`` when one is set."""
+    key = get_state(request).config.admin_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise APIError(401, "admin route: send 'Authorization: Bearer <admin key>'")
