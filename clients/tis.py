@@ -82,7 +82,8 @@ are "call this function and multiply the per-token loss by ``weights``"; verl's
   differences: verl also clamps log-ratios from below at -20 (here a tiny ratio stays
   exact, at most ``exp(-20)`` apart); a NaN log-ratio gives a NaN weight there (and a
   rejected token under ``rollout_rs``) and ratio 1 here; verl's mean over a sequence
-  divides by ``count + 1e-8``. Not provided: ``rollout_is_batch_normalize`` (divide
+  divides by ``count + 1e-8``; its ESS covers every valid token, ``ess`` here the kept
+  ones. Not provided: ``rollout_is_batch_normalize`` (divide
   ``weights`` by their mean over ``keep``). ``bypass_mode=True`` computes the same
   weights and mask with the current policy's log-probs (detached) as ``old_logprobs``;
   with ``loss_type="ppo_clip"`` it then uses only the mask (the PPO ratio is the IS
