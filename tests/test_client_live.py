@@ -1,38 +1,238 @@
-"""The RL client against real servers: fail-over when one dies mid-batch, and reloads."""
+"""The RL client against real servers, as an RL run on several replicas meets them: a
+reload that reaches every server, a drain on SIGTERM, a server that restarts, and one that
+dies mid-batch.
+
+At most two engines at once: the session's shared server and this module's ``replica``,
+one server that the tests below stop, start again and kill, in file order (each step is
+one test, so a failure names the step).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import threading
+import time
+from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
-from ead_client import AsyncEADClient, EADClient, ServerUnavailableError
-from server_process import running_server
+from ead_client import AsyncEADClient, BadRequestError, EADClient, ServerUnavailableError, WeightVersionMismatch
+from ead_server.launcher import Launched, free_port, launch, serve_command
+from tiny_model import write_tiny_llama
 
 pytestmark = pytest.mark.engine
 
-
-@pytest.fixture
-def doomed(tiny_model_dir, tmp_path):
-    """A second server of the same model, which the test kills; it logs each request it takes."""
-    with running_server(tmp_path, "--model", str(tiny_model_dir), "--served-model-name", "tiny",
-                        "--max-model-len", "512", "--enable-log-requests") as srv:
-        yield srv
+MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "ead-server.yaml"
+KEY = "replica-key"
 
 
-def test_client_survives_one_of_two_servers_dying_mid_batch(server, doomed):
+def test_async_client_and_a_dead_only_server(server, tiny_model_dir):
+    async def run():
+        async with AsyncEADClient([server.url], max_retries=0) as client:
+            return await client.rollouts(["a", "b", "c"], n=3, max_tokens=6, seed=11)
+
+    batch = asyncio.run(run())
+    assert len(batch.rollouts) == 9 and batch.weight_version == 0
+    with EADClient(["http://127.0.0.1:9"], max_retries=1, backoff=0.01, timeout=5) as client:
+        with pytest.raises(ServerUnavailableError):
+            client.weight_versions()
+
+
+# ----------------------------------------------------------------------------- replicas as deployed
+
+
+def _manifest_drain() -> tuple[int, int, int]:
+    """The Deployment's ``--shutdown-timeout``, preStop pause and termination grace period."""
+    deployment = next(d for d in yaml.safe_load_all(MANIFEST.read_text()) if d and d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    drain = int(args[args.index("--shutdown-timeout") + 1])
+    return drain, container["lifecycle"]["preStop"]["sleep"]["seconds"], pod["terminationGracePeriodSeconds"]
+
+
+class Replica:
+    """One reloadable server, run as the deploy manifests run it (``--weights-root``,
+    ``--shutdown-timeout`` from the Kubernetes manifest, keys from the environment),
+    that a test can stop and start again on the same port, like a pod that restarts."""
+
+    def __init__(self, root: Path, log_dir: Path) -> None:
+        self.root, self.log_dir, self.port = root, log_dir, free_port()
+        self.drain_s = _manifest_drain()[0]
+        self.starts = 0
+        self._stack = contextlib.ExitStack()
+        self.server: Launched | None = None
+        self.memo: dict = {}  # what one test leaves for the next: outputs seen at each version
+
+    def start(self) -> Launched:
+        self.starts += 1
+        args = ["--model", str(self.root / "base"), "--served-model-name", "tiny", "--max-model-len", "512",
+                "--weights-root", str(self.root), "--shutdown-timeout", str(self.drain_s), "--enable-log-requests"]
+        # vLLM reads VLLM_API_KEY for /v1; EAD_ADMIN_KEY guards the reload. The same value
+        # for both: with two different keys vLLM's /v1 check refuses the admin key.
+        env = {"VLLM_API_KEY": KEY, "EAD_ADMIN_KEY": KEY}
+        self.server = self._stack.enter_context(launch(
+            serve_command(None, args), self.log_dir / f"replica-{self.starts}.log", port=self.port, env=env))
+        return self.server
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        if self.server is not None and self.server.process.poll() is None:
+            self.server.kill()  # a test server: no need to wait for a drain
+        self._stack.close()
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replica-weights")
+    write_tiny_llama(root / "base", seed=0)  # the shared server's weights too
+    write_tiny_llama(root / "b", seed=7)
+    replica = Replica(root, tmp_path_factory.mktemp("replica-logs"))
+    replica.start()
+    try:
+        yield replica
+    finally:
+        replica.close()
+
+
+PROMPTS = ["Hello there", "abc", "The cat"]
+
+
+def _rollout_tokens(client: EADClient, **kwargs) -> tuple[int, list[list[int]]]:
+    batch = client.rollouts(PROMPTS, n=2, max_tokens=12, seed=5, schedule={"type": "ead", "decay": 6}, **kwargs)
+    return batch.weight_version, [r.token_ids for r in batch.rollouts]
+
+
+def test_a_reload_reaches_every_server(server, replica):
+    """The reload goes to each server and the client reports each outcome: the replica
+    loads the checkpoint, the shared server (started without --weights-root) refuses and
+    is named in the error, with the replica's success in its notes."""
+    assert httpx.get(f"{replica.url}/v1/models").status_code == 401, "VLLM_API_KEY from the environment guards /v1"
+    with EADClient([replica.url], api_key=KEY, max_retries=0) as one:
+        replica.memo[0] = _rollout_tokens(one)
+    with EADClient([replica.url, server.url], api_key=KEY, admin_key=KEY, max_retries=0) as client:
+        with pytest.raises(BadRequestError) as refused:
+            client.reload_weights("b")
+        assert refused.value.url == server.url and refused.value.status == 403
+        assert f"{replica.url}: ok (1)" in " ".join(getattr(refused.value, "__notes__", []))
+        assert client.weight_versions() == {replica.url: 1, server.url: 0}
+    weights = httpx.get(f"{replica.url}/v1/weights", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert weights == {"weight_version": 1, "path": str(replica.root / "b")}
+    with EADClient([replica.url], api_key=KEY, max_retries=0) as one:
+        replica.memo[1] = _rollout_tokens(one)
+    assert replica.memo[1][0] == 1 and replica.memo[1][1] != replica.memo[0][1], "new weights, new samples"
+    # Servers at different versions (here: one reloaded, one not; in a run: one that
+    # restarted on its base weights): one call's samples would mix two policies, and the
+    # client refuses them, naming each server's version.
+    with EADClient([server.url, replica.url], api_key=KEY, max_retries=0, chunk_size=1) as client:
+        with pytest.raises(WeightVersionMismatch) as mixed:
+            client.rollouts(PROMPTS * 4, n=1, max_tokens=4)
+        assert mixed.value.versions == {server.url: 0, replica.url: 1}
+
+
+async def _completions_in_flight(url: str, count: int, max_tokens: int) -> list[tuple[float, dict]]:
+    """``count`` long completions at once; each answer with the time it arrived."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(timeout=300, headers=headers) as http:
+        async def one(i: int) -> tuple[float, dict]:
+            body = {"model": "tiny", "prompt": f"request {i}:", "max_tokens": max_tokens, "ignore_eos": True}
+            response = await http.post(f"{url}/v1/completions", json=body)
+            return time.monotonic(), {"status": response.status_code, **response.json()}
+
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def _running_requests(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def _assert_group_gone(pgid: int, timeout: float) -> None:
+    """The process group has no process left (its last exited children are reaped by init
+    within a moment, so wait a little)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"processes of the stopped server are still running (group {pgid})"
+        time.sleep(0.1)
+
+
+def test_sigterm_drains_then_the_restarted_server_is_back_on_base_weights(server, replica):
+    """SIGTERM, as Kubernetes and ``docker stop`` send it to the container's first process,
+    with requests in flight: each finishes whole within the manifest's --shutdown-timeout,
+    and the server is gone within the grace period. The server then starts again on the
+    same port: base weights at version 0, which is how the client notices the restart
+    (``weight_versions()``, each batch's ``weight_version``, and a mismatch error when one
+    call spans servers at different versions: see the test above)."""
+    drain, pause, grace = _manifest_drain()
+    first = replica.server
+    assert first is not None and replica.memo.get(1), "runs after test_a_reload_reaches_every_server"
+    max_tokens, results = 440, []
+    sender = threading.Thread(target=lambda: results.extend(asyncio.run(_completions_in_flight(replica.url, 32, max_tokens))))
+    sender.start()
+    deadline = time.monotonic() + 60
+    while _running_requests(replica.url) < 1:
+        assert time.monotonic() < deadline, "the requests never reached the engine"
+        time.sleep(0.05)
+    first.process.send_signal(signal.SIGTERM)  # the main process only, as a container runtime does
+    sigterm = time.monotonic()
+    sender.join(timeout=drain + 60)
+    first.process.wait(timeout=grace)
+    exited = time.monotonic() - sigterm
+    assert len(results) == 32
+    for arrived, answer in results:
+        assert answer["status"] == 200, answer
+        (choice,) = answer["choices"]
+        assert choice["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == max_tokens
+        assert answer["weight_version"] == 1
+        assert arrived - sigterm < drain, "finished within --shutdown-timeout"
+    assert exited < grace - pause, f"gone {exited:.1f} s after SIGTERM; the pod's grace period must cover it"
+    _assert_group_gone(first.process.pid, timeout=5)  # nothing of the engine left behind
+
+    replica.start()  # the pod comes back
+    with EADClient([replica.url], api_key=KEY, max_retries=0) as client:
+        # How the client sees it: the version the trainer's last reload returned (1) is gone.
+        assert client.weight_versions() == {replica.url: 0}
+        assert _rollout_tokens(client) == replica.memo[0], "base weights again, at version 0"
+    # Versions count reloads per server since its start: the restarted server now agrees
+    # with the shared one, which never reloaded (both base weights, version 0).
+    with EADClient([server.url, replica.url], api_key=KEY, max_retries=0) as client:
+        assert client.weight_versions() == {server.url: 0, replica.url: 0}
+        assert _rollout_tokens(client)[0] == 0
+
+
+def test_client_survives_one_of_two_servers_dying_mid_batch(server, replica):
+    """The replica, back on the shared server's weights and version, is killed (SIGKILL, a
+    crash) as soon as its engine takes a request of the batch; the client fails over."""
+    doomed = replica.server
+    assert doomed is not None and doomed.process.poll() is None
+    seen = doomed.log.stat().st_size  # requests logged before this batch do not count
     prompts = [f"prompt {i}: " for i in range(24)]
     stop = threading.Event()
 
     def kill_with_requests_in_flight() -> None:
         while not stop.wait(0.01):
-            if b"Added request" in doomed.log.read_bytes():  # its engine has taken work
-                doomed.kill()
-                return
+            with doomed.log.open("rb") as log:
+                log.seek(seen)
+                if b"Added request" in log.read():  # its engine has taken work of this batch
+                    doomed.kill()
+                    return
 
     killer = threading.Thread(target=kill_with_requests_in_flight)
-    with EADClient([doomed.url, server.url], max_concurrency=8, chunk_size=1, max_retries=4, timeout=120,
-                   backoff=0.2) as client:
+    with EADClient([doomed.url, server.url], api_key=KEY, max_concurrency=8, chunk_size=1, max_retries=4,
+                   timeout=120, backoff=0.2) as client:
         killer.start()
         try:
             batch = client.rollouts(prompts, n=2, max_tokens=96, schedule={"type": "ead", "decay": 8})
@@ -42,18 +242,5 @@ def test_client_survives_one_of_two_servers_dying_mid_batch(server, doomed):
         assert doomed.process.poll() is not None, "the doomed server never took a request"
         assert [(r.prompt_index, r.sample_index) for r in batch.rollouts] == [(p, s) for p in range(24) for s in range(2)]
         assert all(len(r.token_ids) == len(r.behavior_logprobs) > 0 for r in batch.rollouts)
+        assert batch.weight_version == 0
         assert client.health() == {doomed.url: False, server.url: True}
-
-
-def test_async_client_and_a_dead_only_server(server, tiny_model_dir):
-    async def run():
-        async with AsyncEADClient([server.url], max_retries=0) as client:
-            return await client.rollouts(["a", "b", "c"], n=3, max_tokens=6, seed=11)
-
-    import asyncio
-
-    batch = asyncio.run(run())
-    assert len(batch.rollouts) == 9 and batch.weight_version == 0
-    with EADClient(["http://127.0.0.1:9"], max_retries=1, backoff=0.01, timeout=5) as client:
-        with pytest.raises(ServerUnavailableError):
-            client.weight_versions()
