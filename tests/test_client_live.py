@@ -188,6 +188,17 @@ def test_sigterm_drains_then_the_restarted_server_is_back_on_base_weights(server
         time.sleep(0.05)
     first.process.send_signal(signal.SIGTERM)  # the main process only, as a container runtime does
     sigterm = time.monotonic()
+    while b"shutdown triggered" not in first.log.read_bytes():
+        assert time.monotonic() - sigterm < 30, "the server never logged its shutdown"
+        time.sleep(0.05)
+    # While it drains, the server refuses new work (why the pod has a preStop pause) ...
+    with contextlib.suppress(httpx.TransportError):  # ... or is already closed
+        late = httpx.post(f"{replica.url}/v1/completions", json={"model": "tiny", "prompt": "late", "max_tokens": 2},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert late.status_code >= 500, late.text
+    # ... and the client takes such answers to another replica.
+    with EADClient([replica.url, server.url], api_key=KEY, chunk_size=1, max_retries=4, backoff=0.1) as client:
+        assert client.rollouts(PROMPTS * 2, n=1, max_tokens=4).weight_version == 0  # all from the shared server
     sender.join(timeout=drain + 60)
     first.process.wait(timeout=grace)
     exited = time.monotonic() - sigterm
