@@ -166,7 +166,7 @@ def test_hadolint_catches_what_the_old_dockerfile_did(tmp_path):
 def test_dockerfile_stages(stages):
     assert {"cpu", "gpu"} <= set(stages)
     for name, stage in ((t, stages[t]) for t in TARGETS):
-        image, _, tag = stage["base"].partition(":")
+        _, _, tag = stage["base"].partition(":")
         assert re.fullmatch(r"\d+\.\d+\.\d+-[a-z-]+", tag), f"{name}: base image pinned to a full version: {stage['base']}"
         # A compiler at run time: vLLM's CPU sampler torch.compiles (g++) for log-prob requests
         # and its engine died without one (seen here); Triton needs cc on a GPU.
@@ -188,6 +188,10 @@ def test_dockerfile_stages(stages):
         assert env["HOME"] == "/home/ead"
         for pip in re.findall(r"pip install [^&]*", runs):
             assert re.search(r"-c \S+", pip), f"{name}: every pip install is constrained: {pip}"
+    # Each target installs from its own lock: the CPU one CI tests, the GPU one lock-gpu.sh writes.
+    for target, lock in (("cpu", "constraints-cpu.txt"), ("gpu", "constraints-gpu.txt")):
+        runs = " ".join(r for k, r in stages[target]["ins"] if k == "RUN")
+        assert f"-c {lock} " in runs and runs.count(" -c ") == runs.count(f" -c {lock} "), target
     assert "download.pytorch.org/whl/cpu" in " ".join(r for _, r in stages["cpu"]["ins"])
 
 
