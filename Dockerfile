@@ -75,8 +75,8 @@ CMD ["--shutdown-timeout", "30"]
 # ------------------------------------------------------------------------------- gpu
 FROM base AS gpu
 
-ENV NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# Which GPUs a container sees is left to `docker run --gpus` and Kubernetes' device plugin.
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 COPY deploy/constraints-gpu.txt ./
 RUN pip install -c constraints-gpu.txt ".[gpu]" \
