@@ -55,6 +55,7 @@ MAX_CONNECT_TIMEOUT = 10.0
 
 # Transport failures that happen before the request reaches the server: safe to retry
 # even for requests that change server state (weight reloads).
+RELOAD_MODES = ("wait", "keep", "abort")  # what a reload does to requests in flight (docs/rollouts.md)
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
@@ -356,10 +357,13 @@ class BaseEADClient:
                 raise self._unavailable(state, f"{method} {path}")
             yield delay
 
-    def _reload_flow(self, url: str, path: str) -> _Flow[int]:
-        answer = yield from self._call_flow(
-            url, "POST", "/v1/weights/reload", {"path": str(path)}, admin=True, idempotent=False
-        )
+    def _reload_flow(self, url: str, path: str, mode: str = "wait", label: str | None = None) -> _Flow[int]:
+        if mode not in RELOAD_MODES:
+            raise ValueError(f"mode must be one of {RELOAD_MODES}, got {mode!r}")
+        # Defaults are left out, so that a server without reload modes still takes the call.
+        body = {"path": str(path), **({"mode": mode} if mode != "wait" else {}),
+                **({"label": label} if label is not None else {})}
+        answer = yield from self._call_flow(url, "POST", "/v1/weights/reload", body, admin=True, idempotent=False)
         return self._parse_version(answer, url)
 
     def _version_flow(self, url: str) -> _Flow[int]:
@@ -587,7 +591,10 @@ class BaseEADClient:
             raise err from failures[0].error
         results = sorted((o for o in outcomes if isinstance(o, _ChunkResult)), key=lambda r: r.chunk.start)
         versions = {r.weight_version for r in results}
-        if len(versions) > 1:
+        # Servers that report each token's version make mixed versions explicit (weights
+        # changed during the call, e.g. a "keep" reload): the spans tell, nothing to refuse.
+        spans_everywhere = all(x.weight_versions for r in results for x in r.rollouts)
+        if len(versions) > 1 and not spans_everywhere:
             by_url: dict[str, int] = {}
             groups: dict[tuple[int, str], list[int]] = {}
             for r in results:
@@ -601,7 +608,7 @@ class BaseEADClient:
         if len(rollouts) != num_prompts * n:  # cannot happen after _parse_rollouts; never drop silently
             raise ProtocolError(f"assembled {len(rollouts)} rollouts for {num_prompts} prompts x {n} samples")
         return RolloutBatch(
-            weight_version=results[0].weight_version,
+            weight_version=min(versions),
             schedule=results[0].schedule,
             num_prompts=num_prompts,
             n=n,

@@ -230,9 +230,15 @@ class EADClient(BaseEADClient):
 
     # -- weights -------------------------------------------------------------------------------
 
-    def reload_weights(self, path: str) -> int:
+    def reload_weights(self, path: str, mode: str = "wait", label: str | None = None) -> int:
         """Load the weights at ``path`` on every server (concurrently); returns the new
         weight version they all report.
+
+        ``mode`` says what happens to requests in flight: ``"wait"`` (they finish on the
+        old weights first), ``"keep"`` (they are frozen and go on under the new weights,
+        each token's version in ``Rollout.weight_versions``) or ``"abort"`` (they end at
+        once with their tokens, ``finish_reason == "abort"``). ``label`` names the
+        version (e.g. ``"step-100"``).
 
         Sent with ``admin_key``. Retried only when the request cannot have reached the
         server (connection refused, connect timeout), since a reload changes server
@@ -240,7 +246,7 @@ class EADClient(BaseEADClient):
         the other servers' outcomes), and :class:`WeightVersionMismatch` (with each
         server's version) if they disagree afterwards.
         """
-        return self._common_version(self._each_server(lambda url: self._reload_flow(url, path)))
+        return self._common_version(self._each_server(lambda url: self._reload_flow(url, path, mode, label)))
 
     def weight_versions(self) -> dict[str, int]:
         """The weight version each server reports, keyed by server URL."""
@@ -366,8 +372,8 @@ class AsyncEADClient(BaseEADClient):
                 raise t.exception()  # type: ignore[misc]
         return [t.result() for t in tasks]
 
-    async def reload_weights(self, path: str) -> int:
-        return self._common_version(await self._each_server(lambda url: self._reload_flow(url, path)))
+    async def reload_weights(self, path: str, mode: str = "wait", label: str | None = None) -> int:
+        return self._common_version(await self._each_server(lambda url: self._reload_flow(url, path, mode, label)))
 
     reload_weights.__doc__ = EADClient.reload_weights.__doc__
 

@@ -33,6 +33,25 @@ class Rollout(protocol.Rollout):
     # older clients; missing or mistyped ones fail loudly.
     model_config = ConfigDict(extra="ignore", frozen=True)
 
+    def token_versions(self, default: int | None = None) -> list[int]:
+        """The weight version that produced each token (``weight_versions`` spread out);
+        ``default`` for every token when the server sent no spans."""
+        if not self.weight_versions:
+            if default is None:
+                raise ValueError("this rollout carries no weight_versions; pass default=")
+            return [default] * len(self.token_ids)
+        out = [0] * len(self.token_ids)
+        for span in self.weight_versions:
+            out[span.start:span.end] = [span.version] * (span.end - span.start)
+        return out
+
+    def staleness(self, current_version: int) -> int:
+        """How many versions behind ``current_version`` its oldest token is (SPEC section 2:
+        ``current - min(v)``); 0 for a rollout made entirely by the current weights."""
+        if not self.weight_versions:
+            raise ValueError("this rollout carries no weight_versions (a server older than the async-RL routes)")
+        return current_version - min(span.version for span in self.weight_versions)
+
     @model_validator(mode="after")
     def _aligned(self) -> Rollout:
         n = len(self.token_ids)
@@ -48,7 +67,9 @@ class RolloutBatch(BaseModel):
 
     ``rollouts[i * n + s]`` is sample ``s`` of prompt ``i``. ``schedule`` is the schedule
     the server applied, every field resolved (``None`` for unscheduled sampling);
-    ``weight_version`` is the version of the weights every rollout came from.
+    ``weight_version`` is the version of the earliest token; when the weights changed
+    during the call, each rollout's ``weight_versions`` spans say which tokens came from
+    which version (``token_versions()``, ``staleness()``, ``fresh()``).
 
     The array helpers right-pad to the longest completion and return a boolean mask that
     is True on real tokens. Floating-point arrays are float64 (lossless from JSON), token
@@ -93,6 +114,25 @@ class RolloutBatch(BaseModel):
     def temperatures(self, pad: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Per-token sampling temperatures ``[R, L]`` (float64) and the mask."""
         return pad_ragged([r.temperatures for r in self.rollouts], pad, np.float64)
+
+    def token_versions(self, pad: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """The weight version of every token ``[R, L]`` (int64) and the mask."""
+        rows = [r.token_versions(default=self.weight_version) for r in self.rollouts]
+        return pad_ragged(rows, pad, np.int64)
+
+    def staleness(self, current_version: int) -> np.ndarray:
+        """Each rollout's staleness against ``current_version``, shape ``[R]`` (int64)."""
+        return np.array([current_version - min(r.token_versions(default=self.weight_version))
+                         if r.token_ids else current_version - self.weight_version for r in self.rollouts],
+                        dtype=np.int64)
+
+    def fresh(self, current_version: int, max_staleness: int) -> np.ndarray:
+        """True for rollouts at most ``max_staleness`` versions old, shape ``[R]``: the mask
+        to drop or down-weight the rest (AReaL's ``max_head_offpolicyness``, prime-rl's
+        ``max_async_level``, TRL's async GRPO ``max_staleness``)."""
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        return self.staleness(current_version) <= max_staleness
 
     def target_logprobs(self, pad: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Target (temperature-1) log-probs ``[R, L]`` (float64) and the mask.

@@ -24,9 +24,12 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from ead_server.chat_messages import check_conversation
 from ead_server.errors import APIError
+from ead_server.guard import parsed_body
 from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY, PolicyError, check_temperature, resolve_schedule
 from ead_server.schedule import ResolvedSchedule
+from ead_server.vllm_adapter.engine import recording_versions
 from ead_server.weight_gate import WeightGate
 
 Scope = MutableMapping[str, Any]
@@ -35,7 +38,20 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/invocations": "invocations"}
+"""POST routes whose requests take a ``temperature_schedule`` here. ``/invocations``
+(SageMaker) is a chat or a completion request by its body, as vLLM dispatches it."""
+
+SCHEDULE_LEFT_ALONE = frozenset({
+    "/v1/rollouts",  # applies the schedule itself (ead_server.server)
+    # Take a generation request's body but sample nothing: a schedule in it changes nothing.
+    "/tokenize", "/detokenize", "/v1/messages/count_tokens",
+    "/v1/chat/completions/render", "/v1/completions/render", "/v1/messages/render", "/v1/responses/render",
+    "/v1/chat/completions/derender", "/v1/completions/derender",
+})
+"""POST routes other than :data:`ROUTES` where a schedule is not refused. Every other
+POST route refuses one with a 400 naming the field, so that no route (one that a vLLM
+upgrade adds included) samples without the schedule its caller believes it applied."""
 
 REQUESTS = Counter(
     "ead_requests", "Completion and chat requests by temperature schedule type.", ["endpoint", "schedule_type"]
@@ -73,20 +89,56 @@ def prepare_request(payload: dict[str, Any]) -> ResolvedSchedule | None:
     return schedule
 
 
-class _Decorator:
-    """Adds our fields to one response's JSON objects (a body or each stream chunk)."""
+def refuse_schedule(path: str, payload: dict[str, Any]) -> None:
+    """Raise a 400 naming the field when a request to a route that does not apply
+    schedules carries one (as the field, in ``vllm_xargs`` or in
+    ``sampling_params.extra_args``): sampling without it would be silent."""
+    xargs = payload.get("vllm_xargs")
+    params = payload.get("sampling_params")
+    extra = params.get("extra_args") if isinstance(params, dict) else None
+    for where, field in ((payload, SCHEDULE_KEY), (xargs, f"vllm_xargs.{SCHEDULE_KEY}"),
+                         (extra, f"sampling_params.extra_args.{SCHEDULE_KEY}")):
+        if isinstance(where, dict) and where.get(SCHEDULE_KEY) is not None:
+            raise APIError(400, f"{path} does not apply temperature_schedule; send scheduled requests to "
+                                f"/v1/completions, /v1/chat/completions or /v1/rollouts", field)
 
-    def __init__(self, endpoint: str, schedule: ResolvedSchedule | None, version: int) -> None:
+
+class _Decorator:
+    """Adds our fields to one response's JSON objects (a body or each stream chunk).
+
+    ``calls`` are the engine requests' version spans (one entry per prompt, recorded by
+    the adapter as the handler runs): a choice gets its ``weight_versions`` once it has
+    finished (the body, or its last stream chunk), and a body's ``weight_version`` is the
+    version of its earliest first token. Stream chunks before that carry the version
+    the request was admitted under.
+    """
+
+    def __init__(self, endpoint: str, schedule: ResolvedSchedule | None, version: int, n: int,
+                 calls: list[dict[int, list[dict[str, Any]]]]) -> None:
         self.endpoint = endpoint
         self.schedule = schedule
         self.echo = schedule.model_dump() if schedule else None
         self.version = version
+        self.n = n  # choice index = prompt index * n + sample index (chat: one prompt)
+        self.calls = calls
         self.offsets: dict[int, int] = defaultdict(int)  # choice index -> tokens seen (streaming)
+
+    def _spans(self, index: int) -> list[dict[str, Any]] | None:
+        call, sample = divmod(index, self.n)
+        return self.calls[call].get(sample) if call < len(self.calls) else None
 
     def __call__(self, obj: Any) -> Any:
         if not isinstance(obj, dict) or "error" in obj:
             return obj
         obj["weight_version"] = self.version
+        firsts = []
+        for choice in obj.get("choices") or ():
+            spans = self._spans(choice.get("index", 0)) if choice.get("finish_reason") else None
+            if spans:
+                choice["weight_versions"] = spans
+                firsts.append(spans[0]["version"])
+        if firsts and not any(choice.get("finish_reason") is None for choice in obj["choices"]):
+            obj["weight_version"] = min(firsts)
         if self.schedule is None:
             return obj
         for choice in obj.get("choices") or ():
@@ -116,30 +168,45 @@ class ScheduleMiddleware:
         self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if endpoint is None or scope["method"] != "POST":
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or path in SCHEDULE_LEFT_ALONE:
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
+        payload = parsed_body(scope)  # parsed, size- and depth-checked by the guard in front
+        if payload is None:
+            try:
+                payload = json.loads(body)
+            except (ValueError, RecursionError):
+                payload = None
         if not isinstance(payload, dict):  # vLLM answers malformed bodies itself
-            async with self.gate.reading() as version:
-                await self.app(scope, _replay(body, receive), _decorating_send(send, _Decorator(endpoint, None, version)))
+            await self.app(scope, _replay(body, receive), send)
             return
+        endpoint = ROUTES.get(path)
+        if endpoint == "invocations":
+            endpoint = "chat" if isinstance(payload.get("messages"), list) else "completions"
         try:
-            schedule = prepare_request(payload)
+            if endpoint is None:
+                refuse_schedule(path, payload)
+            else:
+                schedule = prepare_request(payload)
+                if endpoint == "chat":
+                    check_conversation(payload.get("messages"))
         except APIError as exc:
             await _send_json(send, exc.status, exc.encode())
+            return
+        if endpoint is None:
+            await self.app(scope, _replay(body, receive), send)
             return
         REQUESTS.labels(endpoint, schedule.type if schedule else "none").inc()
         body = json.dumps(payload).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 0 else 1
         async with self.gate.reading() as version:
-            await self.app(scope, _replay(body, receive), _decorating_send(send, _Decorator(endpoint, schedule, version)))
+            with recording_versions() as calls:
+                decorate = _Decorator(endpoint, schedule, version, n, calls)
+                await self.app(scope, _replay(body, receive), _decorating_send(send, decorate))
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -6,7 +6,7 @@ They generate the OpenAPI document (``/openapi.json``) beside vLLM's routes. The
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validator
 
@@ -30,6 +30,7 @@ class RolloutRequest(_Request):
     n: int = Field(1, description="samples per prompt")
     max_tokens: int = Field(256, description="tokens per sample; prompt + max_tokens must fit the context")
     stop: str | list[str] | None = None
+    ignore_eos: bool = Field(False, description="keep sampling after the end-of-sequence token, up to max_tokens")
     seed: int | list[int] | None = Field(
         None, description="one seed for the call (prompt i is seeded seed + i, like a one-prompt request seeded seed + i), or one seed per "
                           "prompt; sample j of a prompt gets an independent stream derived from (seed, j)")
@@ -55,6 +56,15 @@ class RolloutRequest(_Request):
         return self
 
 
+class VersionSpan(BaseModel):
+    """Tokens ``start`` to ``end`` (exclusive) of a completion came from weight ``version``."""
+
+    version: int
+    start: int
+    end: int
+    label: str | None = None
+
+
 class Rollout(BaseModel):
     prompt_index: int
     sample_index: int
@@ -64,19 +74,29 @@ class Rollout(BaseModel):
     finish_reason: str | None
     behavior_logprobs: list[float] = Field(description="log-probs under the distribution each token was sampled from")
     temperatures: list[float] = Field(description="temperature each token was sampled at")
-    target_logprobs: list[float] | None = Field(None, description="log-probs at temperature 1, no truncation")
+    target_logprobs: list[float | None] | None = Field(
+        None, description="log-probs at temperature 1, no truncation; null for a token whose weights were replaced "
+                          "before it could be scored")
+    weight_versions: list[VersionSpan] | None = Field(
+        None, description="which weights produced which tokens, first token first (one span unless the weights "
+                          "changed during the rollout)")
 
 
 class RolloutResponse(BaseModel):
-    weight_version: int
+    weight_version: int = Field(description="the version of the earliest first token among the rollouts")
     temperature_schedule: ResolvedSchedule | None
     rollouts: list[Rollout]
 
 
 class ReloadRequest(_Request):
     path: str = Field(description="a Hugging Face safetensors checkpoint folder under --weights-root")
+    mode: Literal["wait", "keep", "abort"] = Field(
+        "wait", description="requests in flight: 'wait' finish on the old weights first; 'keep' are frozen and go on "
+                            "under the new weights (prefilled again); 'abort' end now with finish_reason 'abort'")
+    label: str | None = Field(None, max_length=200, description="a name for the new version, e.g. 'step-100'")
 
 
 class WeightsInfo(BaseModel):
-    weight_version: int
-    path: str | None
+    weight_version: int = Field(description="goes up by one with every change of weights, whatever the route")
+    label: str | None = Field(None, description="the name a trainer gave this version, if any")
+    path: str | None = Field(description="the checkpoint folder, or null for weights sent over vLLM's transfer")

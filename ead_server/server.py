@@ -3,8 +3,10 @@ of :mod:`ead_server.weights`.
 
 vLLM calls them through our endpoint plugin (``ead_server.vllm_adapter.serving``):
 :func:`attach` while it builds the app, :func:`init_state` once the engine exists. Auth
-follows vLLM's: ``--api-key`` guards ``/v1`` routes (vLLM's own middleware);
-``--admin-key`` additionally guards the admin route, as a dependency.
+follows vLLM's: ``--api-key`` guards every route but the public probes (vLLM's
+middleware, then :mod:`ead_server.guard` for the routes vLLM leaves open);
+``--admin-key`` additionally guards the admin routes, as a dependency. The guard also
+bounds bodies and enforces :mod:`ead_server.limits`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ from starlette.datastructures import State
 
 from ead_server import __version__, weights
 from ead_server.app_state import AppState, ServerConfig, get_state
+from ead_server.chat_messages import check_conversation
 from ead_server.errors import APIError
+from ead_server.guard import Guard, api_keys_from_args
+from ead_server.limits import Limits
+from ead_server.limits import router as limits_router
 from ead_server.openai_middleware import REQUESTS, ScheduleMiddleware
+from ead_server.openapi_schema import document_schedule
 from ead_server.protocol import Rollout, RolloutRequest, RolloutResponse
 from ead_server.request_policy import PolicyError, check_temperature, resolve_schedule
 from ead_server.schedule import ResolvedSchedule
@@ -37,17 +44,25 @@ def attach(app: FastAPI) -> None:
     """
     gate = WeightGate()
     app.state.ead_gate = gate
+    args = getattr(app.state, "args", argparse.Namespace())
+    app.state.ead_limits = Limits.from_args(args)
     app.add_middleware(ScheduleMiddleware, gate=gate)
+    app.add_middleware(Guard, limits=app.state.ead_limits, api_keys=api_keys_from_args(args))  # in front of it
+    app.include_router(limits_router)
+    document_schedule(app)
     app.add_exception_handler(APIError, lambda _request, exc: exc.response())
     app.include_router(router)
-    app.include_router(weights.router)
+    weights.attach(app)
 
 
-def init_state(engine: Any, state: State, args: argparse.Namespace) -> None:
-    """Give the routes the engine and the configuration, once the engine exists."""
+async def init_state(engine: Any, state: State, args: argparse.Namespace) -> None:
+    """Give the routes the engine and the configuration, once the engine exists; start
+    the engine's weight version at ours, and let responses see its version spans."""
     config = ServerConfig.from_args(args)
     state.ead_gate.path = config.model_path
     state.ead = AppState(engine=engine, config=config, gate=state.ead_gate)
+    await vllm_engine.set_weight_version(engine, state.ead_gate.tag)
+    vllm_engine.tap_weight_versions(engine)
 
 
 router = APIRouter()
@@ -70,9 +85,11 @@ async def rollouts(body: RolloutRequest, state: AppState = Depends(get_state)) -
             check_temperature(body.temperature)
         params = [vllm_engine.rollout_params(n=body.n, max_tokens=body.max_tokens, stop=body.stop, seed=seed,
                                              temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                             schedule=schedule) for seed in seeds]
+                                             schedule=schedule, ignore_eos=body.ignore_eos) for seed in seeds]
     except PolicyError as exc:
         raise APIError(400, exc.message, exc.param) from None
+    for i, conversation in enumerate(body.messages or ()):
+        check_conversation(conversation, f"messages[{i}]")
     REQUESTS.labels("rollouts", schedule.type if schedule else "none").inc()
     tokenizer = state.engine.get_tokenizer()
     prompts = body.prompts if body.prompts is not None else body.messages
@@ -84,13 +101,29 @@ async def rollouts(body: RolloutRequest, state: AppState = Depends(get_state)) -
                                 f"room for {context - len(ids)} new tokens, not max_tokens={body.max_tokens}",
                            "max_tokens")
     temperature = 1.0 if body.temperature is None else body.temperature
-    async with state.gate.reading() as weight_version:
+    async with state.gate.reading() as lease_version:
         per_prompt = await asyncio.gather(*(
             _rollouts_for_prompt(state.engine, i, ids, p, schedule, temperature, body) for i, (ids, p) in
             enumerate(zip(prompt_ids, params))
         ))
-    return RolloutResponse(weight_version=weight_version, temperature_schedule=schedule,
-                           rollouts=[r for group in per_prompt for r in group])
+    rollouts = [r for group in per_prompt for r in group]
+    first = [r.weight_versions[0].version for r in rollouts if r.weight_versions]
+    return RolloutResponse(weight_version=min(first, default=lease_version), temperature_schedule=schedule,
+                           rollouts=rollouts)
+
+
+def _same_weights_only(values: list[float], version: int | None,
+                       spans: list[dict[str, Any]] | None) -> list[float | None]:
+    """Target log-probs where the scoring pass ran on the weights that produced the token,
+    ``None`` where the weights changed in between (a ``keep`` or ``abort`` reload during the
+    rollout): those weights are gone, and a number from other weights would be wrong."""
+    if version is None or not spans:
+        return list(values)
+    out: list[float | None] = list(values)
+    for span in spans:
+        if span["version"] != version:
+            out[span["start"]:span["end"]] = [None] * (span["end"] - span["start"])
+    return out
 
 
 def _prompt_ids(tokenizer: Any, prompt: Any, *, chat: bool) -> list[int]:
@@ -109,18 +142,20 @@ async def _rollouts_for_prompt(
     request_id = f"rollout-{uuid.uuid4().hex}"
     output = await vllm_engine.generate(engine, prompt_ids, params, request_id)
     completions = sorted(output.outputs, key=lambda c: c.index)
-    targets: list[list[float] | None] = [None] * len(completions)
+    targets: list[list[float | None] | None] = [None] * len(completions)
     if body.return_target_logprobs:
-        targets = await asyncio.gather(*(
+        scored = await asyncio.gather(*(
             vllm_engine.target_logprobs(engine, prompt_ids, list(c.token_ids), f"{request_id}-score-{c.index}")
             for c in completions
         ))
+        targets = [_same_weights_only(values, version, vllm_engine.version_spans(c))
+                   for (values, version), c in zip(scored, completions)]
     return [
         Rollout(
             prompt_index=index, sample_index=c.index, prompt_token_ids=prompt_ids, token_ids=list(c.token_ids),
             text=c.text, finish_reason=c.finish_reason, behavior_logprobs=vllm_engine.completion_logprobs(c),
             temperatures=schedule.temperatures(len(c.token_ids)) if schedule else [temperature] * len(c.token_ids),
-            target_logprobs=target,
+            target_logprobs=target, weight_versions=vllm_engine.version_spans(c),
         )
         for c, target in zip(completions, targets)
     ]

@@ -1,11 +1,30 @@
-"""The weight routes: which weights serve, and in-place reloads between training steps."""
+"""The weight routes: which weights serve, and changing them while rollouts run.
+
+One code path changes weights, :func:`change_weights`, in three modes that say what
+happens to requests in flight (``wait``: they finish on the old weights first; ``keep``:
+they are frozen, and go on under the new weights, prefilled again; ``abort``: they end at
+once with the tokens they have). Every route that changes weights ends in it or in
+:func:`_advance` (the version bookkeeping of :mod:`ead_server.weight_gate`):
+
+* ours, ``POST /v1/weights/reload {"path", "mode", "label"}``;
+* SGLang's ``POST /update_weights_from_disk`` and ``GET /get_weight_version`` (what slime
+  and SkyRL drive), a thin alias;
+* vLLM's own RL routes (``/pause``, ``/resume``, the four-phase weight transfer TRL
+  drives, ...), mounted from vLLM behind the admin key, with ``/finish_weight_update`` and
+  ``/update_weight_version`` wrapped so that the version and the prefix cache stay right.
+
+vLLM mounts its RL routes only with ``VLLM_SERVER_DEV_MODE=1``, which also opens
+``/collective_rpc`` and others outside ``--api-key``; this server never sets it and
+mounts the RL router itself, each route behind the admin key.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, FastAPI
+from pydantic import BaseModel, ConfigDict, Field
 
 from ead_server.app_state import AppState, get_state, require_admin
 from ead_server.checkpoints import check_compatible, resolve_under, stage_tied_head
@@ -13,44 +32,158 @@ from ead_server.errors import APIError
 from ead_server.protocol import ReloadRequest, WeightsInfo
 from ead_server.vllm_adapter import engine as vllm_engine
 
+__all__ = ["attach", "change_weights", "router"]
+
 router = APIRouter()
+admin = APIRouter(dependencies=[Depends(require_admin)])
+
+
+def attach(app: FastAPI) -> None:
+    """Our weight routes, the aliases, and vLLM's RL routes behind the admin key.
+
+    vLLM's are included first: of a plugin's routes with one path, vLLM keeps the last,
+    so the wrapped ``/finish_weight_update`` and ``/update_weight_version`` answer.
+    """
+    app.include_router(vllm_engine.rl_router(), dependencies=[Depends(require_admin)])
+    app.include_router(router)
+    app.include_router(admin)
+
+
+def _info(state: AppState) -> WeightsInfo:
+    return WeightsInfo(weight_version=state.gate.version, label=state.gate.label, path=state.gate.path)
 
 
 @router.get("/v1/weights", response_model=WeightsInfo)
 async def weights(state: AppState = Depends(get_state)) -> WeightsInfo:
-    return WeightsInfo(weight_version=state.gate.version, path=state.gate.path)
+    return _info(state)
 
 
-@router.post("/v1/weights/reload", response_model=WeightsInfo, dependencies=[Depends(require_admin)])
-async def reload(body: ReloadRequest, state: AppState = Depends(get_state)) -> WeightsInfo:
-    """Load a same-architecture safetensors checkpoint under ``--weights-root``.
+async def change_weights(state: AppState, path: str, mode: str, label: str | None) -> WeightsInfo:
+    """Load a checkpoint folder under ``--weights-root`` in ``mode``; the one way weights
+    are loaded from disk.
 
-    Requests in flight finish on the old weights; new ones wait and then run on the new
-    ones. A checkpoint that fails the checks is refused before the engine sees it; one
-    that fails inside the engine is answered 500 after the previous weights are loaded
-    back.
+    A checkpoint that fails the checks is refused before the engine sees it. One that
+    fails inside the engine is answered 500 after the previous weights are loaded back;
+    in every mode the engine then resumes (frozen requests go on, on the old weights).
     """
     root = state.config.weights_root
     if root is None:
         raise APIError(403, "weight reload is disabled: start the server with --weights-root DIR", "path")
-    folder = resolve_under(root, body.path)
+    folder = resolve_under(root, path)
     table = check_compatible(folder, Path(state.config.model_path))
-    async with state.gate.writing():  # one reload at a time, alone with the engine
+    async with state.gate.writing(drain=mode == "wait"):
+        await vllm_engine.pause(state.engine, mode)
         try:
-            await _load(state.engine, folder, table)
-        except Exception as exc:  # noqa: BLE001 - any engine failure: restore, then report
-            previous = Path(state.gate.path or state.config.model_path)
-            await _load(state.engine, previous, check_compatible(previous, Path(state.config.model_path)))
-            raise APIError(500, f"reload failed inside the engine ({exc}); the previous weights "
-                                f"(version {state.gate.version}) are serving again") from None
-        state.gate.commit(str(folder))
-    return WeightsInfo(weight_version=state.gate.version, path=state.gate.path)
+            try:
+                await _load(state.engine, folder, table)
+            except Exception as exc:  # noqa: BLE001 - any engine failure: restore, then report
+                previous = Path(state.gate.path or state.config.model_path)
+                await _load(state.engine, previous, check_compatible(previous, Path(state.config.model_path)))
+                raise APIError(500, f"reload failed inside the engine ({exc}); the previous weights "
+                                    f"(version {state.gate.version}) are serving again") from None
+            await vllm_engine.set_weight_version(state.engine, state.gate.advance(str(folder), label))
+        finally:
+            await vllm_engine.resume(state.engine)
+    return _info(state)
 
 
 async def _load(engine: Any, folder: Path, table: dict) -> None:
     staging = stage_tied_head(folder, table)
     try:
-        await vllm_engine.reload_weights(engine, staging.name if staging else str(folder))
+        await vllm_engine.load_weights(engine, staging.name if staging else str(folder))
     finally:
         if staging:
             staging.cleanup()
+
+
+async def _advance(state: AppState, label: str | None) -> None:
+    """New weights arrived another way (vLLM's weight transfer): a new version, and no
+    KV computed by the old weights left to serve (running requests prefill again)."""
+    async with state.gate.writing(drain=False):
+        await vllm_engine.set_weight_version(state.engine, state.gate.advance(None, label))
+        await vllm_engine.reset_cache(state.engine)
+
+
+@admin.post("/v1/weights/reload", response_model=WeightsInfo)
+async def reload(body: ReloadRequest, state: AppState = Depends(get_state)) -> WeightsInfo:
+    """Load a same-architecture safetensors checkpoint under ``--weights-root``.
+
+    ``mode`` says what happens to requests in flight (module docstring); ``label`` names
+    the new version (shown beside the number, never instead of it).
+    """
+    return await change_weights(state, body.path, body.mode, body.label)
+
+
+# --------------------------------------------------------------------------- SGLang
+
+
+class SGLangUpdateFromDisk(BaseModel):
+    """SGLang's ``UpdateWeightFromDiskReqInput`` (``python/sglang/srt/managers/io_struct.py``):
+    the fields this server honours, and the ones it accepts only at their defaults."""
+
+    model_config = ConfigDict(extra="ignore")  # e.g. torch_empty_cache, recapture_cuda_graph: GPU housekeeping
+
+    model_path: str
+    load_format: str | None = None
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    is_async: Literal[False] = False
+    keep_pause: Literal[False] = False
+    flush_cache: Literal[True] = True
+
+
+@admin.post("/update_weights_from_disk")
+async def sglang_update_weights_from_disk(body: SGLangUpdateFromDisk,
+                                          state: AppState = Depends(get_state)) -> dict[str, Any]:
+    """SGLang's reload: ``abort_all_requests`` is our ``abort`` mode, otherwise ``wait``;
+    ``model_path`` is confined under ``--weights-root`` like our own reload."""
+    if body.load_format not in (None, "auto", "safetensors"):
+        raise APIError(400, f"load_format {body.load_format!r}: only safetensors checkpoints load here", "load_format")
+    info = await change_weights(state, body.model_path, "abort" if body.abort_all_requests else "wait",
+                                body.weight_version)
+    return {"success": True, "message": f"weights loaded: version {info.weight_version}", "num_paused_requests": 0}
+
+
+@router.get("/get_weight_version")
+async def sglang_get_weight_version(state: AppState = Depends(get_state)) -> dict[str, str]:
+    """SGLang's version query: the label a trainer gave, else our version number."""
+    return {"weight_version": state.gate.label or str(state.gate.version)}
+
+
+# --------------------------------------------------------------------------- vLLM's RL routes
+
+
+class _FinishWeightUpdate(BaseModel):
+    weight_version: str | None = None
+
+
+class _UpdateWeightVersion(BaseModel):
+    new_version: str = Field(description="a label for the current weights (no change of weights)")
+
+
+@admin.post("/finish_weight_update")
+async def finish_weight_update(body: _FinishWeightUpdate | None = None,
+                               state: AppState = Depends(get_state)) -> dict[str, str]:
+    """vLLM's last transfer phase, then a new version (TRL 1.16 sends no version: it
+    still is one) and a prefix cache that never serves the old weights' KV."""
+    try:
+        await vllm_engine.finish_transfer(state.engine)
+    except Exception as exc:  # noqa: BLE001 - the engine refused: no new weights, no new version
+        raise APIError(409, f"no weight update to finish ({exc}); start one with /start_weight_update") from None
+    await _advance(state, body.weight_version if body else None)
+    return {"message": "Weight update finished", "weight_version": state.gate.tag}
+
+
+@admin.post("/update_weight_version")
+async def update_weight_version(body: _UpdateWeightVersion, state: AppState = Depends(get_state)) -> dict[str, Any]:
+    """vLLM's route sets a version string without changing weights: here it labels the
+    current version, so a label can never make two different weights look the same."""
+    await vllm_engine.set_weight_version(state.engine, state.gate.relabel(body.new_version))
+    return {"success": True, "new_version": body.new_version, "weight_version": state.gate.tag}
+
+
+@admin.post("/reset_prefix_cache")
+async def reset_prefix_cache(state: AppState = Depends(get_state)) -> dict[str, str]:
+    """TRL calls it after a weight sync; admin-guarded here (vLLM mounts it in dev mode only)."""
+    await vllm_engine.reset_cache(state.engine)
+    return {"status": "ok"}

@@ -751,3 +751,29 @@ def test_both_twins_stop_at_a_4xx(scripted: Any) -> None:
     for err in (info.value, ainfo.value):
         assert err.status == 422 and err.prompt_indices == [0] and err.url == bad.url
     assert bad.requests == 2  # one each: never retried
+
+
+def test_token_versions_staleness_and_fresh_mask():
+    from ead_client import Rollout, RolloutBatch
+
+    def rollout(i, spans):
+        n = 6
+        return Rollout(prompt_index=i, sample_index=0, prompt_token_ids=[1], token_ids=list(range(n)), text="x" * n,
+                       finish_reason="length", behavior_logprobs=[-1.0] * n, temperatures=[1.0] * n,
+                       weight_versions=spans)
+
+    switched = rollout(0, [{"version": 3, "start": 0, "end": 2}, {"version": 4, "start": 2, "end": 6}])
+    old = rollout(1, [{"version": 2, "start": 0, "end": 6, "label": "step-2"}])
+    assert switched.token_versions() == [3, 3, 4, 4, 4, 4]
+    assert switched.staleness(4) == 1 and old.staleness(4) == 2
+    batch = RolloutBatch(weight_version=2, schedule=None, num_prompts=2, n=1, rollouts=[switched, old])
+    versions, mask = batch.token_versions()
+    assert versions.tolist() == [[3, 3, 4, 4, 4, 4], [2] * 6] and mask.all()
+    assert batch.staleness(4).tolist() == [1, 2]
+    assert batch.fresh(4, max_staleness=1).tolist() == [True, False]
+    with pytest.raises(ValueError):
+        batch.fresh(4, max_staleness=-1)
+    legacy = rollout(0, None)  # an older server: no spans
+    assert legacy.token_versions(default=7) == [7] * 6
+    with pytest.raises(ValueError):
+        legacy.staleness(7)

@@ -7,13 +7,16 @@ that makes two engines at most.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from ead_server.schedule import parse_schedule
 from oracle import behaviour_logprobs, completion_logits
 from server_process import running_server
 from tiny_model import write_tiny_llama
@@ -27,7 +30,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 def _serve(tmp_path_factory, root, model):
     return running_server(tmp_path_factory.mktemp("reload-logs"), "--model", str(model), "--weights-root", str(root),
-                          "--admin-key", KEY, "--max-model-len", "512")
+                          "--admin-key", KEY, "--max-model-len", "1024")
 
 
 def _rollout(url: str, seed: int = 1, **extra) -> dict:
@@ -94,7 +97,8 @@ class TestUntied:
             assert response.status_code == status, (path, response.text)
             error = response.json()["error"]
             assert words in error["message"] and error["param"] == "path", (path, error)
-        assert httpx.get(f"{server.url}/v1/weights").json() == {"weight_version": 0, "path": str(base / "base")}
+        assert httpx.get(f"{server.url}/v1/weights").json() == {"weight_version": 0, "label": None,
+                                                                "path": str(base / "base")}
         _assert_matches(base / "base", _rollout(server.url))
 
     def test_reload_changes_outputs_exactly_and_bumps_the_version(self, server, root):
@@ -102,7 +106,7 @@ class TestUntied:
         before = _rollout(server.url)
         response = _reload(server.url, "b")
         assert response.status_code == 200, response.text
-        assert response.json() == {"weight_version": 1, "path": str(base / "b")}
+        assert response.json() == {"weight_version": 1, "label": None, "path": str(base / "b")}
         after = _rollout(server.url)
         assert after["weight_version"] == 1
         assert [r["token_ids"] for r in after["rollouts"]] != [r["token_ids"] for r in before["rollouts"]]
@@ -136,6 +140,143 @@ class TestUntied:
         for result in results:  # every response comes whole from the weights of its version
             _assert_matches(base / ("b" if result["weight_version"] == 1 else "base"), result)
         assert _rollout(server.url)["weight_version"] == 2
+
+
+    # ---------------------------------------------------------------- asynchronous RL
+
+    def test_keep_reload_switches_mid_response_exactly(self, server, root):
+        """A long seeded stream spans a ``keep`` reload triggered after 8 of its tokens, with
+        8 concurrent n=4 rollouts in flight: each switches version at one token, and every
+        token's behaviour log-prob is that of the weights its span names, over the whole
+        prefix (checked against transformers on both checkpoints)."""
+        base = root[0]
+        old_version = httpx.get(f"{server.url}/v1/weights").json()["weight_version"]
+        old, new = ("base", "b") if _serving(server) == base / "base" else ("b", "base")
+        stream, rollouts, reload = asyncio.run(_reload_during_traffic(server, new, "keep", after_tokens=8))
+        assert reload.status_code == 200, reload.text
+        assert reload.json()["weight_version"] == old_version + 1
+        spans = stream["weight_versions"]
+        assert [s["version"] for s in spans] == [old_version, old_version + 1], spans
+        switch = spans[0]["end"]
+        assert 8 <= switch < len(stream["token_ids"]) and spans[1]["start"] == switch
+        _assert_spans_exact({old_version: base / old, old_version + 1: base / new}, stream["prompt_token_ids"],
+                            stream["token_ids"], stream["logprobs"], spans)
+        switched = 0
+        for result in rollouts:
+            for r in result["rollouts"]:
+                versions = [s["version"] for s in r["weight_versions"]]
+                assert versions in ([old_version], [old_version + 1], [old_version, old_version + 1]), versions
+                switched += len(versions) == 2
+                _assert_spans_exact({old_version: base / old, old_version + 1: base / new}, r["prompt_token_ids"],
+                                    r["token_ids"], r["behavior_logprobs"], r["weight_versions"], r["temperatures"])
+                assert result["weight_version"] <= versions[0]
+        assert switched > 0, "no rollout was in flight across the switch"
+
+    def test_abort_reload_ends_requests_with_their_tokens(self, server, root):
+        base = root[0]
+        version = httpx.get(f"{server.url}/v1/weights").json()["weight_version"]
+        new = "b" if _serving(server) == base / "base" else "base"
+        stream, rollouts, reload = asyncio.run(_reload_during_traffic(server, new, "abort", after_tokens=6))
+        assert reload.status_code == 200 and reload.json()["weight_version"] == version + 1
+        assert stream["finish_reason"] == "abort"
+        assert 6 <= len(stream["token_ids"]) < 1000
+        assert all(r["finish_reason"] == "abort" for result in rollouts for r in result["rollouts"])
+        assert [s["version"] for s in stream["weight_versions"]] == [version]
+        after = _rollout(server.url, seed=11)
+        assert after["weight_version"] == version + 1
+        _assert_matches(base / new, after)
+
+    def test_sglang_and_vllm_weight_routes(self, server, root):
+        base = root[0]
+        version = httpx.get(f"{server.url}/v1/weights").json()["weight_version"]
+        # SGLang's client payload (sglang/srt/managers/io_struct.py UpdateWeightFromDiskReqInput).
+        payload = {"model_path": "base", "load_format": None, "abort_all_requests": False, "weight_version": "step-7",
+                   "torch_empty_cache": False, "recapture_cuda_graph": False, "token_step": 0}
+        assert httpx.post(f"{server.url}/update_weights_from_disk", json=payload).status_code == 401
+        reply = httpx.post(f"{server.url}/update_weights_from_disk", json=payload, headers=AUTH, timeout=300)
+        assert reply.status_code == 200 and reply.json()["success"] is True, reply.text
+        assert httpx.get(f"{server.url}/get_weight_version").json() == {"weight_version": "step-7"}
+        info = httpx.get(f"{server.url}/v1/weights").json()
+        assert info == {"weight_version": version + 1, "label": "step-7", "path": str(base / "base")}
+        escape = httpx.post(f"{server.url}/update_weights_from_disk", json={**payload, "model_path": "escape"},
+                            headers=AUTH)
+        assert escape.status_code == 403
+        # vLLM's RL routes, behind the admin key, as its own clients call them.
+        assert httpx.post(f"{server.url}/pause", params={"mode": "keep"}).status_code == 401
+        assert httpx.post(f"{server.url}/pause", params={"mode": "keep"}, headers=AUTH).status_code == 200
+        assert httpx.get(f"{server.url}/is_paused", headers=AUTH).json() == {"is_paused": True}
+        assert httpx.post(f"{server.url}/resume", headers=AUTH).status_code == 200
+        assert httpx.get(f"{server.url}/is_paused", headers=AUTH).json() == {"is_paused": False}
+        # A label is a name, not a version: the number stays, the label shows.
+        relabel = httpx.post(f"{server.url}/update_weight_version", json={"new_version": "step-8"}, headers=AUTH)
+        assert relabel.status_code == 200, relabel.text
+        assert httpx.get(f"{server.url}/v1/weights").json()["weight_version"] == version + 1
+        assert httpx.get(f"{server.url}/weight_info", headers=AUTH).json() == {"weight_version": f"{version + 1}:step-8"}
+        spans = _rollout(server.url)["rollouts"][0]["weight_versions"]
+        assert spans[0]["version"] == version + 1 and spans[0]["label"] == "step-8"
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 2}).json()
+        assert chat["weight_version"] == version + 1
+        for c in chat["choices"]:
+            (span,) = c["weight_versions"]
+            assert span["version"] == version + 1 and span["label"] == "step-8" and span["start"] == 0
+            assert 0 < span["end"] <= 5
+        # No transfer in progress: refused, and no new version.
+        finish = httpx.post(f"{server.url}/finish_weight_update", json={}, headers=AUTH)
+        assert finish.status_code == 409 and "error" in finish.json()
+        assert httpx.get(f"{server.url}/v1/weights").json()["weight_version"] == version + 1
+        assert httpx.post(f"{server.url}/reset_prefix_cache", headers=AUTH).status_code == 200
+
+
+def _serving(server):
+    return Path(httpx.get(f"{server.url}/v1/weights").json()["path"])
+
+
+def _assert_spans_exact(models, prompt_ids, token_ids, logprobs, spans, temperatures=None):
+    """Each span's tokens against transformers on the checkpoint of its version, full prefix."""
+    temps = temperatures or parse_schedule(SCHEDULE).temperatures(len(token_ids))
+    for span in spans:
+        want = behaviour_logprobs(models[span["version"]], prompt_ids, token_ids, temps)[span["start"]:span["end"]]
+        got = torch.tensor(logprobs[span["start"]:span["end"]])
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5, msg=f"version {span['version']}")
+
+
+async def _reload_during_traffic(server, path, mode, *, after_tokens, rollouts=8):
+    """A long streamed completion (ignore_eos) and ``rollouts`` concurrent n=4 rollouts
+    (which also keep the tiny model's steps slow enough for the reload to land mid-stream);
+    the reload is sent once the stream has received ``after_tokens`` tokens."""
+    async with httpx.AsyncClient(timeout=600) as http:
+        async def one(i: int) -> dict:
+            body = {"prompts": [f"q{i} "], "n": 4, "max_tokens": 600, "seed": 50 + i, "ignore_eos": True,
+                    "temperature_schedule": SCHEDULE}
+            response = await http.post(f"{server.url}/v1/rollouts", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        tasks = [asyncio.create_task(one(i)) for i in range(rollouts)]
+        model = (await http.get(f"{server.url}/v1/models")).json()["data"][0]["id"]
+        body = {"model": model, "prompt": "Hello there", "max_tokens": 1000, "seed": 5, "stream": True, "logprobs": 0,
+                "ignore_eos": True, "return_token_ids": True, "temperature_schedule": SCHEDULE}
+        stream = {"token_ids": [], "logprobs": [], "prompt_token_ids": None}
+        reload = None
+        async with http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                stream["prompt_token_ids"] = stream["prompt_token_ids"] or choice.get("prompt_token_ids")
+                stream["token_ids"] += choice.get("token_ids") or []
+                stream["logprobs"] += (choice.get("logprobs") or {}).get("token_logprobs") or []
+                if choice.get("finish_reason"):
+                    stream["finish_reason"] = choice["finish_reason"]
+                    stream["weight_versions"] = choice.get("weight_versions")
+                if reload is None and len(stream["token_ids"]) >= after_tokens:
+                    # Sent at once, not as a task: buffered lines would be parsed before a task
+                    # ran, and the tiny model can finish the stream in that time.
+                    reload = await http.post(f"{server.url}/v1/weights/reload", json={"path": path, "mode": mode},
+                                             headers=AUTH)
+        return stream, await asyncio.gather(*tasks), reload
 
 
 class TestTied:

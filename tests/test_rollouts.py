@@ -75,7 +75,8 @@ def test_rollout_errors(server, tiny_model_dir):
     assert both.status_code == 400
     disabled = httpx.post(f"{server.base_url}/weights/reload", json={"path": "anything"})
     assert disabled.status_code == 403 and "--weights-root" in disabled.json()["error"]["message"]
-    assert httpx.get(f"{server.base_url}/weights").json() == {"weight_version": 0, "path": str(tiny_model_dir)}
+    assert httpx.get(f"{server.base_url}/weights").json() == {"weight_version": 0, "label": None,
+                                                             "path": str(tiny_model_dir)}
 
 
 def test_trl_vllm_client_generate_returns_behaviour_logprobs(server, tiny_model_dir):

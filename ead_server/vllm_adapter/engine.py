@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from vllm import SamplingParams
@@ -9,9 +12,11 @@ from vllm.sampling_params import RequestOutputKind
 
 from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY, PolicyError
 from ead_server.schedule import ResolvedSchedule
+from ead_server.weight_gate import parse_tag
 
-__all__ = ["LOGPROBS_MODE", "completion_logprobs", "context_length", "generate", "reload_weights",
-           "rollout_params", "schedule_extra_args", "target_logprobs", "vllm_version"]
+__all__ = ["LOGPROBS_MODE", "completion_logprobs", "context_length", "finish_transfer", "generate", "load_weights",
+           "pause", "recording_versions", "reset_cache", "resume", "rl_router", "rollout_params", "schedule_extra_args", "set_weight_version",
+           "tap_weight_versions", "target_logprobs", "version_spans", "vllm_version"]
 
 LOGPROBS_MODE = "processed_logprobs"
 """The engine's ``logprobs_mode`` under which returned log-probs are behaviour log-probs:
@@ -36,7 +41,7 @@ def context_length(engine: Any) -> int:
 
 def rollout_params(
     *, n: int, max_tokens: int, stop: str | list[str] | None, seed: int | None, temperature: float | None,
-    top_p: float | None, top_k: int | None, schedule: ResolvedSchedule | None,
+    top_p: float | None, top_k: int | None, schedule: ResolvedSchedule | None, ignore_eos: bool = False,
 ) -> SamplingParams:
     """Sampling settings of a rollout: the request policy's neutral settings unless asked,
     temperature 1 under a schedule (which sets each token's), and the sampled token's
@@ -48,7 +53,7 @@ def rollout_params(
     chosen = {k: v for k, v in {"top_p": top_p, "top_k": top_k}.items() if v is not None}
     try:
         return SamplingParams(
-            n=n, max_tokens=max_tokens, stop=stop, seed=seed, logprobs=0,
+            n=n, max_tokens=max_tokens, stop=stop, seed=seed, logprobs=0, ignore_eos=ignore_eos,
             temperature=1.0 if temperature is None else temperature, **{**NEUTRAL_SAMPLING, **chosen},
             extra_args=schedule_extra_args(schedule) if schedule else None, output_kind=RequestOutputKind.FINAL_ONLY,
         )
@@ -69,8 +74,11 @@ def completion_logprobs(completion: Any) -> list[float]:
     return [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
 
 
-async def target_logprobs(engine: Any, prompt_ids: list[int], token_ids: list[int], request_id: str) -> list[float]:
-    """Log-probs of ``token_ids`` after ``prompt_ids`` at temperature 1, untruncated.
+async def target_logprobs(
+    engine: Any, prompt_ids: list[int], token_ids: list[int], request_id: str,
+) -> tuple[list[float], int | None]:
+    """Log-probs of ``token_ids`` after ``prompt_ids`` at temperature 1, untruncated, and
+    the weight version that computed them.
 
     A scoring pass: prompt log-probs are computed from the raw logits, before any
     sampling processor, so they are the target policy's whatever the engine's mode.
@@ -78,18 +86,117 @@ async def target_logprobs(engine: Any, prompt_ids: list[int], token_ids: list[in
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, output_kind=RequestOutputKind.FINAL_ONLY)
     output = await generate(engine, prompt_ids + token_ids, params, request_id)
     steps = output.prompt_logprobs[len(prompt_ids):]
-    return [step[token].logprob for step, token in zip(steps, token_ids)]
+    spans = version_spans(output.outputs[0]) if output.outputs else None
+    return [step[token].logprob for step, token in zip(steps, token_ids)], (spans[0]["version"] if spans else None)
 
 
-async def reload_weights(engine: Any, path: str) -> None:
-    """Load a checkpoint into the running engine, in place, and drop all cached KV.
+async def pause(engine: Any, mode: str) -> None:
+    """Stop the engine for a weight swap, and drop every cached KV.
 
-    In-flight requests are drained first; cached prefixes computed with the old
-    weights must never serve the new ones.
+    ``wait`` lets in-flight requests finish first, ``abort`` ends them at once (with the
+    tokens they have, ``finish_reason: "abort"``), ``keep`` freezes them. With
+    ``clear_cache=True`` vLLM resets the caches with ``reset_running_requests=True``, so
+    frozen requests are preempted and prefill again on resume: under the new weights,
+    over their whole prefix (never ``clear_cache=False``: that would serve old KV).
     """
-    await engine.pause_generation(mode="wait", clear_cache=True)
+    await engine.pause_generation(mode=mode, clear_cache=True)
+
+
+async def resume(engine: Any) -> None:
+    """Drop any KV computed since the pause (there should be none) and go on."""
+    await reset_cache(engine)
+    await engine.resume_generation()
+
+
+async def reset_cache(engine: Any) -> None:
+    """Drop every cached prefix; running requests are preempted and prefill again, so no
+    KV computed by earlier weights survives."""
+    await engine.reset_prefix_cache(reset_running_requests=True)
+
+
+def rl_router() -> Any:
+    """vLLM's RL routes (pause, resume, weight transfer, ...), to mount behind our admin key.
+
+    vLLM itself mounts them only under ``VLLM_SERVER_DEV_MODE=1``, together with routes
+    that bypass ``--api-key``; this is the router alone.
+    """
+    from vllm.entrypoints.rl.online.api_router import router
+
+    return router
+
+
+async def load_weights(engine: Any, path: str) -> None:
+    """Load a checkpoint folder into the (paused) engine, in place."""
+    await engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
+
+
+async def set_weight_version(engine: Any, tag: str) -> None:
+    """The engine's weight version: attached to every token produced from now on."""
+    await engine.update_weight_version(tag)
+
+
+async def finish_transfer(engine: Any) -> None:
+    """The last phase of vLLM's weight transfer (weights sent by the trainer)."""
+    await engine.collective_rpc("finish_weight_update")
+
+
+def version_spans(completion: Any) -> list[dict[str, Any]] | None:
+    """A finished completion's weight-version spans, ``[{"version", "start", "end"}, ...]``
+    (``"label"`` too where the trainer named the version); ``None`` if the engine gave none."""
+    spans = getattr(completion, "weight_versions", None)
+    if not spans:
+        return None
+    out = []
+    for span in spans:
+        version, label = parse_tag(span.version)
+        out.append({"version": version, "start": span.start, "end": span.end, **({"label": label} if label else {})})
+    return out
+
+
+_RECORDER: ContextVar[list[dict[int, list[dict[str, Any]]]] | None] = ContextVar("ead_version_spans", default=None)
+
+
+@contextmanager
+def recording_versions() -> Iterator[list[dict[int, list[dict[str, Any]]]]]:
+    """Collect the version spans of every engine request made inside the block, from any
+    task it starts: one dict per ``generate`` call, in call order, completion index ->
+    spans. vLLM's OpenAI handlers drop ``CompletionOutput.weight_versions``; the
+    middleware records them here around the handler and adds them to the response."""
+    calls: list[dict[int, list[dict[str, Any]]]] = []
+    token = _RECORDER.set(calls)
     try:
-        await engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
-        await engine.reset_prefix_cache()
+        yield calls
     finally:
-        await engine.resume_generation()
+        _RECORDER.reset(token)
+
+
+def tap_weight_versions(engine: Any) -> None:
+    """Wrap ``engine.generate`` so that :func:`recording_versions` sees the spans (idempotent).
+
+    The entry is made when ``generate`` is called, not when it is first iterated, so the
+    order of the entries is the order of the prompts even when vLLM iterates them merged.
+    """
+    original = engine.generate
+    if getattr(original, "_ead_tap", False):
+        return
+
+    def generate(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        calls = _RECORDER.get()
+        entry: dict[int, list[dict[str, Any]]] | None = None
+        if calls is not None:
+            entry = {}
+            calls.append(entry)
+        return _tapped(original(*args, **kwargs), entry)
+
+    generate._ead_tap = True  # type: ignore[attr-defined]
+    engine.generate = generate
+
+
+async def _tapped(outputs: AsyncIterator[Any], entry: dict[int, list[dict[str, Any]]] | None) -> AsyncIterator[Any]:
+    async for output in outputs:
+        if entry is not None:
+            for completion in output.outputs:
+                spans = version_spans(completion)
+                if spans:
+                    entry[completion.index] = spans
+        yield output

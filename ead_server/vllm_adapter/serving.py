@@ -45,7 +45,7 @@ class EADEndpointPlugin:
     async def init_state(self, engine_client: Any, state: Any, args: argparse.Namespace) -> None:
         from ead_server.server import init_state
 
-        init_state(engine_client, state, args)
+        await init_state(engine_client, state, args)
 
 
 def add_engine_arguments(parser: Any) -> Any:
