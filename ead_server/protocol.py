@@ -77,6 +77,10 @@ class Rollout(BaseModel):
     target_logprobs: list[float | None] | None = Field(
         None, description="log-probs at temperature 1, no truncation; null for a token whose weights were replaced "
                           "before it could be scored")
+    target_logprobs_source: Literal["sampling", "scoring"] | None = Field(
+        None, description="'sampling': computed in the sampling pass itself (no extra cost, exact across weight "
+                          "changes); 'scoring': a second pass, used when top-k, top-p, min-p, penalties or other "
+                          "logit changes make the in-pass formula inexact")
     weight_versions: list[VersionSpan] | None = Field(
         None, description="which weights produced which tokens, first token first (one span unless the weights "
                           "changed during the rollout)")

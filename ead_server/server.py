@@ -112,20 +112,6 @@ async def rollouts(body: RolloutRequest, state: AppState = Depends(get_state)) -
                            rollouts=rollouts)
 
 
-def _same_weights_only(values: list[float], version: int | None,
-                       spans: list[dict[str, Any]] | None) -> list[float | None]:
-    """Target log-probs where the scoring pass ran on the weights that produced the token,
-    ``None`` where the weights changed in between (a ``keep`` or ``abort`` reload during the
-    rollout): those weights are gone, and a number from other weights would be wrong."""
-    if version is None or not spans:
-        return list(values)
-    out: list[float | None] = list(values)
-    for span in spans:
-        if span["version"] != version:
-            out[span["start"]:span["end"]] = [None] * (span["end"] - span["start"])
-    return out
-
-
 def _prompt_ids(tokenizer: Any, prompt: Any, *, chat: bool) -> list[int]:
     if chat:
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -140,22 +126,21 @@ async def _rollouts_for_prompt(
     temperature: float, body: RolloutRequest,
 ) -> list[Rollout]:
     request_id = f"rollout-{uuid.uuid4().hex}"
+    in_pass = body.return_target_logprobs and vllm_engine.ask_in_pass_targets(engine, params, request_id)
     output = await vllm_engine.generate(engine, prompt_ids, params, request_id)
     completions = sorted(output.outputs, key=lambda c: c.index)
-    targets: list[list[float | None] | None] = [None] * len(completions)
+    temperatures = [schedule.temperatures(len(c.token_ids)) if schedule else [temperature] * len(c.token_ids)
+                    for c in completions]
+    targets: list[tuple[list[float | None] | None, str | None]] = [(None, None)] * len(completions)
     if body.return_target_logprobs:
-        scored = await asyncio.gather(*(
-            vllm_engine.target_logprobs(engine, prompt_ids, list(c.token_ids), f"{request_id}-score-{c.index}")
-            for c in completions
-        ))
-        targets = [_same_weights_only(values, version, vllm_engine.version_spans(c))
-                   for (values, version), c in zip(scored, completions)]
+        targets = await vllm_engine.completion_targets(engine, prompt_ids, completions, temperatures, request_id,
+                                                       body.n, in_pass)
     return [
         Rollout(
             prompt_index=index, sample_index=c.index, prompt_token_ids=prompt_ids, token_ids=list(c.token_ids),
             text=c.text, finish_reason=c.finish_reason, behavior_logprobs=vllm_engine.completion_logprobs(c),
-            temperatures=schedule.temperatures(len(c.token_ids)) if schedule else [temperature] * len(c.token_ids),
-            target_logprobs=target, weight_versions=vllm_engine.version_spans(c),
+            temperatures=temps, target_logprobs=target, target_logprobs_source=source,
+            weight_versions=vllm_engine.version_spans(c),
         )
-        for c, target in zip(completions, targets)
+        for c, temps, (target, source) in zip(completions, temperatures, targets)
     ]

@@ -10,6 +10,7 @@ request that occupies it, at that request's own position.
 from __future__ import annotations
 
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -82,3 +83,38 @@ def test_a_second_instance_for_the_same_engine_is_inert():
         proc.update_state(update)
     logits = torch.ones(1, VOCAB)
     assert torch.equal(second.apply(first.apply(logits)), torch.full((1, VOCAB), 2.0))
+
+
+def test_in_pass_target_numbers_are_recorded_on_the_device_and_collected_once():
+    """A row that asks (``ead_target_id``) records lse(h) before and lse(h / tau) after the
+    rescale; a row that also sets top-k does not (the formula would be inexact); values
+    nobody collects expire."""
+    from ead_server.vllm_adapter import targets
+
+    targets.STORE.collect(["a", "b"])  # nothing left over from other tests
+    proc = _processor()
+    schedule = {"type": "constant", "tau": 0.5}
+    asks = SamplingParams(temperature=1.0, extra_args={"temperature_schedule": schedule, "ead_target_id": "a"})
+    truncated = SamplingParams(temperature=1.0, top_k=3,
+                               extra_args={"temperature_schedule": schedule, "ead_target_id": "b"})
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[(0, asks, [1], [7, 7]), (1, truncated, [1], [])],
+                                  moved=[]))
+    logits = torch.randn(2, VOCAB)
+    raw = torch.logsumexp(logits, -1)
+    out = proc.apply(logits.clone())
+    got = targets.STORE.collect(["a", "b"])
+    assert set(got["a"]) == {2} and got["b"] == {}  # position t = 2 (two tokens generated)
+    lse_raw, lse_tau = got["a"][2]
+    assert lse_raw == pytest.approx(raw[0].item(), abs=1e-6)
+    assert lse_tau == pytest.approx(torch.logsumexp(out[0], -1).item(), abs=1e-6)
+    assert targets.STORE.collect(["a"]) == {"a": {}}  # collected once
+    # The identity the server inverts: log softmax(h)[y] = tau * (b + lse(h / tau)) - lse(h).
+    y = 3
+    b = torch.log_softmax(out[0], -1)[y].item()
+    assert targets.targets_from({0: (lse_raw, lse_tau)}, [b], [0.5])[0] == pytest.approx(
+        torch.log_softmax(logits[0], -1)[y].item(), abs=1e-5)
+    store = targets.TargetStore(ttl_s=0.2)
+    store.record(["x"], [0], torch.zeros(1, 2))
+    time.sleep(0.3)  # "x"'s client went away: nobody collects it
+    store.record(["y"], [0], torch.zeros(1, 2))  # recording sweeps what outlived the TTL
+    assert store.collect(["x", "y"]) == {"x": {}, "y": {0: (0.0, 0.0)}}

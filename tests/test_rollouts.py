@@ -37,15 +37,18 @@ def test_behaviour_and_target_logprobs_match_transformers(server, tiny_model_dir
                                schedule=STEPPED, step=3, return_target_logprobs=True)
     assert [(r.prompt_index, r.sample_index) for r in text.rollouts] == [(p, s) for p in range(2) for s in range(3)]
     assert text.weight_version == 0 and text.schedule == parse_schedule(SCHEDULE)
-    for r in text.rollouts:
+    for r in text.rollouts:  # no truncation: target log-probs from the sampling pass itself
+        assert r.target_logprobs_source == "sampling"
         _check_exact(tiny_model_dir, r, SCHEDULE)
     assert ids.rollouts[0].prompt_token_ids == [47, 18, 25, 25, 28]
-    for r in ids.rollouts:
+    for r in ids.rollouts:  # top-k changes the logits after the processor: the scoring pass
+        assert r.target_logprobs_source == "scoring"
         _check_exact(tiny_model_dir, r, SCHEDULE, top_k=6)
     resolved = {**STEPPED, "decay_schedule": {"step": 3}}
     assert chat.schedule == parse_schedule(resolved) and chat.schedule.decay == 25 + 5 * 3
     for r in chat.rollouts:
         assert r.prompt_token_ids[-1] == 2  # the chat template's generation prompt, <|assistant|>
+        assert r.target_logprobs_source == "sampling"
         _check_exact(tiny_model_dir, r, resolved)
     # The trainer-side view: padded arrays and TIS weights against the engine's targets.
     arrays = text.to_numpy()

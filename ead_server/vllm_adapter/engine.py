@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -12,9 +13,10 @@ from vllm.sampling_params import RequestOutputKind
 
 from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY, PolicyError
 from ead_server.schedule import ResolvedSchedule
+from ead_server.vllm_adapter import targets
 from ead_server.weight_gate import parse_tag
 
-__all__ = ["LOGPROBS_MODE", "completion_logprobs", "context_length", "finish_transfer", "generate", "load_weights",
+__all__ = ["LOGPROBS_MODE", "ask_in_pass_targets", "completion_logprobs", "completion_targets", "context_length", "finish_transfer", "generate", "load_weights",
            "pause", "recording_versions", "reset_cache", "resume", "rl_router", "rollout_params", "schedule_extra_args", "set_weight_version",
            "tap_weight_versions", "target_logprobs", "version_spans", "vllm_version"]
 
@@ -88,6 +90,52 @@ async def target_logprobs(
     steps = output.prompt_logprobs[len(prompt_ids):]
     spans = version_spans(output.outputs[0]) if output.outputs else None
     return [step[token].logprob for step, token in zip(steps, token_ids)], (spans[0]["version"] if spans else None)
+
+
+def ask_in_pass_targets(engine: Any, params: SamplingParams, request_id: str) -> bool:
+    """Ask the processor to record in-pass target numbers for this request, when they are
+    exact for it and the engine can hand them over (:mod:`.targets`); returns whether."""
+    extra = params.extra_args or {}
+    if SCHEDULE_KEY not in extra or not targets.eligible(params) or not targets.in_pass_possible(engine):
+        return False
+    params.extra_args = {**extra, targets.TARGET_KEY: request_id}
+    return True
+
+
+async def completion_targets(
+    engine: Any, prompt_ids: list[int], completions: list[Any], temperatures: list[list[float]], request_id: str,
+    n: int, in_pass: bool,
+) -> list[tuple[list[float | None], str]]:
+    """Each completion's target log-probs and where they came from: ``"sampling"`` (the
+    processor's in-pass numbers, exact across weight changes, since the same step made
+    them) or ``"scoring"`` (a second pass; tokens whose weights were replaced before it
+    ran get ``None``)."""
+    recorded = await targets.collect(engine, targets.sample_ids(request_id, n)) if in_pass else {}
+    ids = targets.sample_ids(request_id, n)
+    found = [targets.targets_from(recorded.get(ids[c.index], {}), completion_logprobs(c), temps)
+             if in_pass and c.index < len(ids) else None for c, temps in zip(completions, temperatures)]
+
+    async def score(c: Any) -> list[float | None]:
+        values, version = await target_logprobs(engine, prompt_ids, list(c.token_ids), f"{request_id}-score-{c.index}")
+        return _same_weights_only(values, version, version_spans(c))
+
+    scored = await asyncio.gather(*(score(c) for c, got in zip(completions, found) if got is None))
+    rest = iter(scored)
+    return [(got, "sampling") if got is not None else (next(rest), "scoring") for got in found]
+
+
+def _same_weights_only(values: list[float], version: int | None,
+                       spans: list[dict[str, Any]] | None) -> list[float | None]:
+    """Scored target log-probs where the scoring pass ran on the weights that produced the
+    token, ``None`` where the weights changed in between (a ``keep`` or ``abort`` reload
+    during the rollout): those weights are gone, and a number from others would be wrong."""
+    if version is None or not spans:
+        return list(values)
+    out: list[float | None] = list(values)
+    for span in spans:
+        if span["version"] != version:
+            out[span["start"]:span["end"]] = [None] * (span["end"] - span["start"])
+    return out
 
 
 async def pause(engine: Any, mode: str) -> None:

@@ -42,6 +42,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
 from ead_kernels import KIND_NONE, KINDS, NUM_PARAMS, PARAM_COLUMNS, apply_schedule_, apply_schedule_slots_
 from ead_server.request_policy import SCHEDULE_KEY, PolicyError, check_temperature, resolve_schedule
 from ead_server.schedule import ResolvedSchedule
+from ead_server.vllm_adapter.targets import STORE, TARGET_KEY, eligible
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -61,6 +62,22 @@ def _applied_schedule(params: SamplingParams) -> ResolvedSchedule | None:
     """The schedule the processor applies: none for greedy rows, which a schedule never
     changes (admission refuses that combination; this keeps the rows exact regardless)."""
     return None if params.temperature < _GREEDY_EPS else request_schedule(params)
+
+
+def _target_id(params: SamplingParams, schedule: ResolvedSchedule | None) -> str | None:
+    """The id under which a scheduled row records in-pass target numbers, if it asks and
+    the formula is exact for it (``ead_server.vllm_adapter.targets``)."""
+    target = (params.extra_args or {}).get(TARGET_KEY)
+    return str(target) if target is not None and schedule is not None and eligible(params) else None
+
+
+def _scaled_with_targets(logits: torch.Tensor, rows: list[int], scale: Any) -> torch.Tensor:
+    """Run ``scale(logits)`` (in place) and return ``[len(rows), 2]``: ``lse(h)`` before and
+    ``lse(h / tau)`` after, for ``rows`` -- all on the logits' device, nothing synced."""
+    index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+    raw = torch.logsumexp(logits.index_select(0, index).float(), -1)
+    scale(logits)
+    return torch.stack([raw, torch.logsumexp(logits.index_select(0, index).float(), -1)], 1)
 
 
 def _kernel_row(schedule: ResolvedSchedule) -> tuple[int, list[float]]:
@@ -106,6 +123,7 @@ class _SlotState:
         self.kinds = _slot_table((req_states.max_num_reqs,), torch.int32, device)
         self.params = _slot_table((req_states.max_num_reqs, NUM_PARAMS), torch.float64, device)
         self.active = np.zeros(req_states.max_num_reqs, dtype=bool)  # host-side skip check
+        self.targets: dict[int, str] = {}  # slot -> in-pass target id
         self.dirty = False
 
     def add_request(self, slot: int, params: SamplingParams) -> bool:
@@ -116,6 +134,11 @@ class _SlotState:
         else:
             self.kinds.np[slot], self.params.np[slot] = _kernel_row(schedule)
         self.active[slot] = schedule is not None
+        target = _target_id(params, schedule)
+        if target is None:
+            self.targets.pop(slot, None)
+        else:
+            self.targets[slot] = target
         self.dirty = True
         return schedule is not None
 
@@ -128,8 +151,23 @@ class _SlotState:
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
         if not self.active[ctx.idx_mapping_np].any():
             return logits
-        return apply_schedule_slots_(logits, ctx.expanded_idx_mapping, ctx.pos, self.prompt_len.gpu,
-                                     self.kinds.gpu, self.params.gpu)
+
+        def scale(x: torch.Tensor) -> torch.Tensor:
+            return apply_schedule_slots_(x, ctx.expanded_idx_mapping, ctx.pos, self.prompt_len.gpu,
+                                         self.kinds.gpu, self.params.gpu)
+
+        # In-pass targets need one row per request (no speculative decoding): then row i
+        # is request i, and its t is known on the host without touching the device.
+        rows, ids, positions = [], [], []
+        if self.targets and logits.shape[0] == len(ctx.idx_mapping_np):
+            for row, slot in enumerate(ctx.idx_mapping_np.tolist()):
+                t = int(ctx.seq_lens_upper_bound_np[row]) - int(self.prompt_len.np[slot])
+                if slot in self.targets and t >= 0:  # t < 0: a partial prefill, not sampled
+                    rows.append(row), ids.append(self.targets[slot]), positions.append(t)
+        if not rows:
+            return scale(logits)
+        STORE.record(ids, positions, _scaled_with_targets(logits, rows, scale))
+        return logits
 
 
 class _RowState:
@@ -152,6 +190,7 @@ class _RowState:
         copy = (lambda t: t) if self.on_cpu else (lambda t: torch.zeros_like(t, device=device))
         self.kinds, self.params, self.positions = copy(self.kinds_cpu), copy(self.params_cpu), copy(self.positions_cpu)
         self.outputs: dict[int, list[int]] = {}  # row -> live output-token list, scheduled rows only
+        self.targets: dict[int, str] = {}  # row -> in-pass target id
 
     def update(self, batch_update: BatchUpdate) -> None:
         for row in batch_update.removed:
@@ -162,6 +201,8 @@ class _RowState:
             if schedule is not None:
                 self.kinds_np[row], self.params_np[row] = _kernel_row(schedule)
                 self.outputs[row] = output_ids
+                if (target := _target_id(params, schedule)) is not None:
+                    self.targets[row] = target
         for a, b, direction in batch_update.moved:
             self._move(a, b, swap=direction == MoveDirectionality.SWAP)
         if self.outputs and not self.on_cpu:
@@ -171,19 +212,21 @@ class _RowState:
     def _clear(self, row: int) -> None:
         self.kinds_np[row] = KIND_NONE
         self.outputs.pop(row, None)
+        self.targets.pop(row, None)
 
     def _move(self, a: int, b: int, *, swap: bool) -> None:
-        kinds, params, outputs = self.kinds_np, self.params_np, self.outputs
-        out_a, out_b = outputs.pop(a, None), outputs.pop(b, None)
+        kinds, params = self.kinds_np, self.params_np
         if swap:
             kinds[[a, b]] = kinds[[b, a]]
             params[[a, b]] = params[[b, a]]
-            if out_b is not None:
-                outputs[a] = out_b
         else:  # a's request now lives in b; a is empty
             kinds[b], params[b], kinds[a] = kinds[a], params[a], KIND_NONE
-        if out_a is not None:
-            outputs[b] = out_a
+        for by_row in (self.outputs, self.targets):
+            at_a, at_b = by_row.pop(a, None), by_row.pop(b, None)
+            if swap and at_b is not None:
+                by_row[a] = at_b
+            if at_a is not None:
+                by_row[b] = at_a
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.outputs:
@@ -194,7 +237,16 @@ class _RowState:
         positions = self.positions[:size]
         if not self.on_cpu:
             positions.copy_(self.positions_cpu[:size], non_blocking=True)
-        return apply_schedule_(logits, positions, self.kinds[:size], self.params[:size])
+
+        def scale(x: torch.Tensor) -> torch.Tensor:
+            return apply_schedule_(x, positions, self.kinds[:size], self.params[:size])
+
+        rows = sorted(row for row in self.targets if row < size)
+        if not rows:
+            return scale(logits)
+        STORE.record([self.targets[r] for r in rows], [int(self.positions_np[r]) for r in rows],
+                     _scaled_with_targets(logits, rows, scale))
+        return logits
 
 
 class EADLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):

@@ -1,11 +1,15 @@
-"""Independent sample streams for seeded requests with ``n > 1`` (SPEC section 2)."""
+"""vLLM's ``n > 1`` fan-out, patched: independent sample streams for seeded requests
+(SPEC section 2), and a per-sample id for in-pass target log-probs (:mod:`.targets`)."""
 
 from __future__ import annotations
 
 import hashlib
+from copy import copy
 
 from vllm import SamplingParams
 from vllm.v1.engine.parallel_sampling import ParentRequest
+
+from ead_server.vllm_adapter.targets import TARGET_KEY, child_id
 
 __all__ = ["derive_sample_seed", "install_independent_seeds"]
 
@@ -37,6 +41,10 @@ def install_independent_seeds() -> None:
         child = original(self, index)
         if self.sampling_params.seed is not None:
             child.seed = derive_sample_seed(self.sampling_params.seed, index)
+        extra = self.sampling_params.extra_args or {}
+        if TARGET_KEY in extra:  # each sample records its in-pass targets under its own id
+            child = copy(child)  # vLLM shares one child params object between unseeded samples
+            child.extra_args = {**extra, TARGET_KEY: child_id(str(extra[TARGET_KEY]), index)}
         return child
 
     _get_child_sampling_params._ead = True  # type: ignore[attr-defined]
