@@ -30,6 +30,7 @@ def _on_cpu() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ead_server import limits
     from ead_server.default_model import SERVE_DTYPE
     from ead_server.vllm_adapter import serving
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--weights-root", type=Path, default=None,
                       help="directory under which POST /v1/weights/reload may load checkpoints; "
                            "reload is disabled without it")
+    limits.add_arguments(serve.add_argument_group(
+        "limits", "what one request may ask for and how many run at once; published at GET /v1/limits"))
     cpu = _on_cpu()
     serve.set_defaults(
         model=None, host="127.0.0.1", logprobs_mode="processed_logprobs",

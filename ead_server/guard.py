@@ -1,0 +1,240 @@
+"""The server's front door: authentication, body bounds and load shedding, as one ASGI
+middleware in front of every route (vLLM's and ours).
+
+Why a middleware of our own rather than vLLM's guards alone:
+
+* **Auth on every route.** vLLM's ``--api-key`` middleware guards path *prefixes*
+  (``/v1``, ``/v2``, ``/inference``, ``/cohere``); ``/invocations`` (SageMaker, which
+  generates), ``/tokenize``, ``/generative_scoring`` and ``/scale_elastic_ep`` (which
+  changes state) answer without a key. Here every route needs the key except a short
+  public list (health probes, version, metrics, the API docs), so a route a vLLM
+  upgrade adds is guarded from its first day. Keys are compared the way vLLM does it:
+  SHA-256 of each, then ``secrets.compare_digest`` over all of them (constant time, and
+  no early exit that tells which key came close).
+* **Bodies.** Every JSON body is parsed here once, with a size and a depth bound, so an
+  unparseable or deeply nested body is a 400 in OpenAI's error shape instead of
+  FastAPI's ``{"detail": ...}`` or a 500 from a ``RecursionError``. The parsed body is
+  left in the ASGI scope (:func:`parsed_body`) for the middleware behind this one.
+* **Limits and load.** A request over a :mod:`ead_server.limits` limit is refused
+  before any route sees it; past ``max_concurrent_requests`` requests in flight, the
+  server answers 429 with ``Retry-After`` instead of queueing without bound. Admin
+  routes (weight changes) are never shed: a trainer's reload must get through a
+  saturated server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
+
+from ead_server.errors import APIError
+from ead_server.limits import Limits, check_request
+
+__all__ = ["PUBLIC_ROUTES", "Guard", "api_keys_from_args", "parsed_body"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
+    [(m, p) for p in ("/health", "/ping", "/version", "/metrics", "/load", "/openapi.json", "/docs",
+                      "/docs/oauth2-redirect", "/redoc") for m in ("GET", "HEAD")]
+    + [("POST", "/ping")]  # SageMaker's health probe
+)
+"""(method, path) pairs that answer without a key: probes that load balancers and
+orchestrators call without credentials, and documents that describe the API. None of
+them generates or changes state."""
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_SCOPE_KEY = "ead.json"
+
+
+def api_keys_from_args(args: Any) -> list[str]:
+    """The API keys vLLM's own auth uses: ``--api-key`` (repeatable), else ``$VLLM_API_KEY``."""
+    keys = getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]
+    return [k for k in ([keys] if isinstance(keys, str) else keys) if k]
+
+
+def parsed_body(scope: Scope) -> Any:
+    """The JSON body this middleware parsed (``None`` when it parsed none)."""
+    return scope.get(_SCOPE_KEY)
+
+
+class Guard:
+    """Pure ASGI, so streamed responses pass through chunk by chunk."""
+
+    def __init__(self, app: ASGIApp, limits: Limits, api_keys: Sequence[str] = ()) -> None:
+        self.app = app
+        self.limits = limits
+        self._key_hashes = [hashlib.sha256(k.encode()).digest() for k in api_keys]
+        self.in_flight = 0
+        self._unshed: frozenset[str] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)  # lifespan; CORS pre-flight (vLLM's auth skips it too)
+            return
+        method = scope.get("method", "GET")
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if self._key_hashes and (method, path) not in PUBLIC_ROUTES and not self._authorized(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await _send_error(send, APIError(401, "this route needs 'Authorization: Bearer <api key>'"))
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if method in _BODY_METHODS:
+            try:
+                body = await self._read_body(scope, receive)
+                if body and _is_json(scope):
+                    scope[_SCOPE_KEY] = payload = self._parse(body)
+                    check_request(self.limits, payload)
+            except APIError as exc:
+                await _send_error(send, exc)
+                return
+            except _Disconnected:
+                return
+            receive = _replay(body, receive)
+        if (method, path) in PUBLIC_ROUTES or path in self._never_shed(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limits.max_concurrent_requests:
+            await _send_error(send, APIError(
+                429, f"{self.in_flight} requests in flight, the most this server takes "
+                     f"(max_concurrent_requests); retry after {self.limits.retry_after_s} s"),
+                [(b"retry-after", str(self.limits.retry_after_s).encode())])
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                header = value
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        match = False
+        for known in self._key_hashes:  # every key compared, in constant time each
+            match |= secrets.compare_digest(digest, known)
+        return match
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.limits.max_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise _too_large(limit)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def _parse(self, body: bytes) -> Any:
+        try:
+            payload = json.loads(body)
+        except RecursionError:
+            raise APIError(400, f"the JSON body nests deeper than {self.limits.max_json_depth} levels") from None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise APIError(400, f"the body is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if _depth_exceeds(payload, self.limits.max_json_depth):
+            raise APIError(400, f"the JSON body nests deeper than {self.limits.max_json_depth} levels")
+        return payload
+
+    def _never_shed(self, scope: Scope) -> frozenset[str]:
+        """Paths of admin routes (those behind ``require_admin``), found once from the app's
+        routes: weight changes keep working when generation is saturated."""
+        if self._unshed is None:
+            from ead_server.app_state import require_admin
+
+            paths = set()
+            for route in getattr(scope.get("app"), "routes", ()):
+                dependant = getattr(route, "dependant", None)
+                if dependant is not None and any(d.call is require_admin for d in _walk(dependant)):
+                    paths.add(route.path)
+            self._unshed = frozenset(paths)
+        return self._unshed
+
+
+class _Disconnected(Exception):
+    """The client went away while sending its body: nothing to answer."""
+
+
+def _walk(dependant: Any) -> list[Any]:
+    out = []
+    for dep in dependant.dependencies:
+        out.append(dep)
+        out.extend(_walk(dep))
+    return out
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes (max_body_bytes, GET /v1/limits)")
+
+
+def _is_json(scope: Scope) -> bool:
+    """JSON or unlabelled bodies are parsed; others (multipart uploads) are left to the route."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            kind = value.split(b";")[0].strip().lower()
+            return kind in (b"", b"application/json") or kind.endswith(b"+json")
+    return True
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields the body once, then listens for disconnects."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_error(send: Send, error: APIError, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    body = error.encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
