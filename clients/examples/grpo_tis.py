@@ -26,6 +26,17 @@ One step ``k`` (1-based; the trainer's global step is ``k - 1``), function by fu
    ``client.reload_weights(...)``; every server must report version ``v0 + k``.
    :func:`step_record` is the step's line of the ``--log`` file.
 
+``--async`` (one-step off-policy, as AReaL, prime-rl and TRL's async GRPO run): the
+rollouts of step ``k + 1`` are requested, on a background thread, as soon as those of step
+``k`` are in, so generation overlaps the grading and training of step ``k``. Its reload
+uses ``mode="keep"``: requests still generating are frozen, the weights are swapped, and
+they go on under the new weights (prefilled again, so every token's behaviour log-prob is
+exact for the weights that produced it). A rollout then holds tokens of two versions;
+``batch.token_versions()`` says which, and the TIS ratio ``pi_theta / pi_b`` of
+:func:`train` corrects both the schedule's temperatures and the stale tokens' older
+weights. :func:`check_versions` bounds the staleness (``batch.fresh``), and the
+trainer-vs-engine check compares only the tokens of the trainer's current version.
+
 Start the server(s) first, from the same folder the trainer loads::
 
     ead-server serve --model MODEL_DIR --weights-root /tmp/grpo-ckpt --admin-key k
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import os
 import shutil
@@ -124,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="temperature_schedule as JSON; its decay_schedule.step is set to the global step. "
                         'The baseline: \'{"type": "constant", "tau": 1.0}\'')
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="generate step k+1's rollouts while step k trains; reload with mode 'keep', so rollouts in "
+                        "flight finish on the new weights (their tokens span two versions, corrected by TIS)")
     p.add_argument("--log", type=Path, default=None, help="write one JSON line per step here")
     p.add_argument("--logprob-tol", type=float, default=1e-2,
                    help="abort when max |trainer log-prob - engine target log-prob| exceeds this: the server "
@@ -269,8 +284,11 @@ def connect(args: argparse.Namespace) -> tuple[EADClient, int]:
 
 
 def reload(client: EADClient, path: Path, expected: int, args: argparse.Namespace) -> int:
+    """Load ``path`` on every server. With ``--async`` in mode ``keep``: the next step's
+    rollouts, still generating, go on under the new weights instead of holding the
+    reload (``wait``) until they finish."""
     try:
-        version = client.reload_weights(str(path))
+        version = client.reload_weights(str(path), mode="keep" if args.async_ else "wait")
     except APIError as exc:
         # The server answers 401 for a wrong admin key (AuthenticationError), 403 for a path
         # outside its --weights-root or when it was started without one, and 404 for a
@@ -328,25 +346,38 @@ class TrainResult:
     tis: TISResult  # over the whole batch
 
 
-def rollout(client: EADClient, problems: list[Problem], args: argparse.Namespace, global_step: int,
-            version: int) -> RolloutBatch:
-    """Sample ``--group-size`` completions of each problem on weight version ``version``.
+def rollout(client: EADClient, problems: list[Problem], args: argparse.Namespace, global_step: int) -> RolloutBatch:
+    """Sample ``--group-size`` completions of each problem.
 
     Prompt i of this step is seeded ``seed_k + i`` (the client's rule); the seeds of
     different steps do not overlap. ``step=`` makes the schedule's decay step-aware,
     unless the schedule fixes ``decay`` (then the client refuses a step).
     """
-    batch = client.rollouts(
+    return client.rollouts(
         messages=[prompt_messages(p.question, one_shot=args.one_shot) for p in problems], n=args.group_size,
         max_tokens=args.max_tokens, schedule=args.schedule,
         step=None if args.schedule.decay is not None else global_step,
         seed=(args.seed * 1_000_003 + global_step * args.prompts_per_step) % 2**31,
         return_target_logprobs=True,
     )
-    if batch.weight_version != version:
-        raise Fatal(f"rollouts came from weight version {batch.weight_version}, expected {version}: another "
-                    "process reloaded the server")
-    return batch
+
+
+def timed_rollout(*args: Any) -> tuple[RolloutBatch, float]:
+    """:func:`rollout` and its wall time (run on the background thread with ``--async``)."""
+    start = time.perf_counter()
+    batch = rollout(*args)
+    return batch, time.perf_counter() - start
+
+
+def check_versions(batch: RolloutBatch, current: int, max_staleness: int) -> None:
+    """Every token must come from a version in ``[current - max_staleness, current]``,
+    ``current`` being the version of the trainer's weights: 0 stale versions without
+    ``--async``, at most 1 with it (the rollouts were requested one reload earlier).
+    Anything else means that another process reloaded the server."""
+    versions, mask = batch.token_versions()
+    if (versions[mask] > current).any() or not batch.fresh(current, max_staleness).all():
+        raise Fatal(f"rollouts came from weight versions {sorted(set(versions[mask].tolist()))}, expected "
+                    f"{current - max_staleness}..{current}: another process reloaded the server")
 
 
 def train(trainer: Trainer, batch: RolloutBatch, advantages: np.ndarray, args: argparse.Namespace) -> TrainResult:
@@ -385,10 +416,17 @@ def train(trainer: Trainer, batch: RolloutBatch, advantages: np.ndarray, args: a
     return TrainResult(old_rows, entropy_sum / num_tokens, loss_total, grad_norm, tis)
 
 
-def engine_difference(batch: RolloutBatch, old_rows: list[list[float]]) -> np.ndarray:
-    """``|trainer log pi_old - engine target log-prob|`` of every sampled token: float32
-    noise only when the server serves exactly the trainer's weights."""
-    return np.concatenate([np.abs(np.array(o) - np.array(r.target_logprobs)) for o, r in zip(old_rows, batch.rollouts)])
+def engine_difference(batch: RolloutBatch, old_rows: list[list[float]], current: int) -> np.ndarray:
+    """``|trainer log pi_old - engine target log-prob|`` of every sampled token that the
+    trainer's current weights (version ``current``) produced: float32 noise only when the
+    server serves exactly the trainer's weights.
+
+    With ``--async`` the other tokens came from the previous version: the engine scored
+    them with those weights, or sent null when they were replaced before it could, so
+    they are left out. Empty when every token is stale."""
+    versions, _ = batch.token_versions()
+    return np.array([abs(o - t) for row, r, vs in zip(old_rows, batch.rollouts, versions)
+                     for o, t, v in zip(row, r.target_logprobs or [], vs) if v == current and t is not None])
 
 
 def policy_shift(trainer: Trainer, batch: RolloutBatch, old_rows: list[list[float]],
@@ -406,9 +444,30 @@ def policy_shift(trainer: Trainer, batch: RolloutBatch, old_rows: list[list[floa
     return float(flat.max()), float(flat.mean())
 
 
+def version_stats(batch: RolloutBatch, old_rows: list[list[float]], current: int) -> dict[str, Any]:
+    """Which weights produced the batch, against the trainer's version ``current``: the
+    staleness (SPEC section 2: ``current - min(v)``), the share of stale tokens, the
+    rollouts that span a reload, and the mean log-ratio ``log pi_theta - log pi_b`` of
+    the stale and the current tokens (the temperature alone moves the current ones)."""
+    versions, mask = batch.token_versions()
+    behavior, _ = batch.behavior_logprobs()
+    old = np.zeros_like(behavior)
+    for i, row in enumerate(old_rows):
+        old[i, : len(row)] = row
+    stale = mask & (versions < current)
+    log_ratio = old - behavior
+    return {
+        "staleness_max": int(batch.staleness(current).max()),
+        "stale_token_fraction": float(stale.sum() / mask.sum()),
+        "switched_rollouts": sum(len(r.weight_versions or ()) > 1 for r in batch.rollouts),
+        "log_ratio_mean_stale": float(log_ratio[stale].mean()) if stale.any() else None,
+        "log_ratio_mean_current": float(log_ratio[mask & ~stale].mean()) if (mask & ~stale).any() else None,
+    }
+
+
 def step_record(k: int, batch: RolloutBatch, rewards: np.ndarray, result: TrainResult, diffs: np.ndarray,
-                shift: tuple[float, float] | None, path: Path, version: int, times: dict[str, float],
-                group_size: int) -> dict[str, Any]:
+                shift: tuple[float, float] | None, path: Path, current: int, version: int, times: dict[str, float],
+                group_size: int, mode: str) -> dict[str, Any]:
     """One line of the ``--log`` file (keys: README.md beside this file)."""
     rollouts = batch.rollouts
     temps, tmask = batch.temperatures()
@@ -417,6 +476,8 @@ def step_record(k: int, batch: RolloutBatch, rewards: np.ndarray, result: TrainR
         "global_step": k - 1,
         "rollout_weight_version": batch.weight_version,
         "weight_version": version,
+        "reload_mode": mode,
+        **version_stats(batch, result.old_rows, current),
         "checkpoint": str(path),
         "decay": batch.schedule.decay if batch.schedule else None,
         "num_rollouts": len(rollouts),
@@ -430,8 +491,9 @@ def step_record(k: int, batch: RolloutBatch, rewards: np.ndarray, result: TrainR
         "behavior_logprob_mean": float(np.mean(np.concatenate([r.behavior_logprobs for r in rollouts]))),
         "old_logprob_mean": float(np.mean(np.concatenate(result.old_rows))),
         **result.tis.metrics(prefix="tis_"),
-        "logprob_diff_max": float(diffs.max()),
-        "logprob_diff_mean": float(diffs.mean()),
+        "logprob_diff_max": float(diffs.max()) if diffs.size else None,
+        "logprob_diff_mean": float(diffs.mean()) if diffs.size else None,
+        "logprob_diff_tokens": int(diffs.size),
         "policy_shift_max": shift[0] if shift else None,
         "policy_shift_mean": shift[1] if shift else None,
         "loss": result.loss,
@@ -446,12 +508,16 @@ def step_line(record: dict[str, Any], steps: int, num_groups: int, tis_mode: str
     t = record["seconds"]
     seconds = f"{t['total']:.1f}s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total") + ")"
     shift = f"shift {record['policy_shift_max']:.2e} | " if record["policy_shift_max"] is not None else ""
+    diff = record["logprob_diff_max"]
+    diff = f"{diff:.2e}" if diff is not None else "n/a"
+    stale = (f"stale {record['stale_token_fraction']:.2f} ({record['switched_rollouts']} switched) | "
+             if record["reload_mode"] == "keep" else "")
     return (
         f"[step {record['step']}/{steps}] v{record['rollout_weight_version']}->v{record['weight_version']} | "
         f"reward {record['reward_mean']:.3f} ({record['groups_with_signal']}/{num_groups} groups with signal) | "
-        f"len {record['response_length_mean']:.1f} | entropy {record['entropy_mean']:.3f} | "
+        f"len {record['response_length_mean']:.1f} | entropy {record['entropy_mean']:.3f} | {stale}"
         f"TIS mean {record['tis_mean']:.3f} ess {record['tis_ess']:.3f} {clip} "
-        f"{record['tis_' + clip + '_fraction']:.3f} | |old-target| max {record['logprob_diff_max']:.2e} | "
+        f"{record['tis_' + clip + '_fraction']:.3f} | |old-target| max {diff} | "
         f"{shift}{seconds}"
     )
 
@@ -497,30 +563,51 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     trainer = Trainer.load(args)
     print(f"trainer: {args.model_dir} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f} M "
           f"parameters, float32); {args.steps} steps of {args.prompts_per_step} prompts (difficulty "
-          f"{args.difficulty}) x {args.group_size} samples, <= {args.max_tokens} tokens", flush=True)
+          f"{args.difficulty}) x {args.group_size} samples, <= {args.max_tokens} tokens"
+          + ("; async: generation overlaps training, reloads in mode keep" if args.async_ else ""), flush=True)
 
     records: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         stack.callback(client.close)
         grader = stack.enter_context(GradingPool(timeout=args.grading_timeout))
+        grader.map([("1", "1")])  # starts the worker processes now rather than inside step 1
         log_file = stack.enter_context(args.log.open("w")) if args.log else None
+        # --async: the next step's rollouts generate on this thread while a step trains.
+        background = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts"))
+        mode = "keep" if args.async_ else "wait"
+
+        def step_problems(global_step: int) -> list[Problem]:
+            return problems[global_step * args.prompts_per_step : (global_step + 1) * args.prompts_per_step]
+
+        pending: Future[tuple[RolloutBatch, float]] | None = None
         for k in range(1, args.steps + 1):
             global_step = k - 1
-            step_problems = problems[global_step * args.prompts_per_step : k * args.prompts_per_step]
+            current = v0 + global_step  # the version of the trainer's weights during this step
             clock = Stopwatch()
-            print(f"[step {k}/{args.steps}] sampling on weight version {v0 + global_step} ...", flush=True)
-
-            batch = rollout(client, step_problems, args, global_step, v0 + global_step)
+            if pending is None:
+                print(f"[step {k}/{args.steps}] sampling on weight version {current} ...", flush=True)
+                batch, generate_seconds = timed_rollout(client, step_problems(global_step), args, global_step)
+                max_staleness = 0
+            else:  # requested during the previous step, which reloaded the weights under it ("keep")
+                print(f"[step {k}/{args.steps}] waiting for the rollouts requested on weight version "
+                      f"{current - 1} ...", flush=True)
+                batch, generate_seconds = pending.result()
+                max_staleness = 1
             clock.lap("rollout")
+            check_versions(batch, current, max_staleness)
+            # --async: request the next step's rollouts now; they generate while this step trains.
+            pending = background.submit(timed_rollout, client, step_problems(k), args, k) \
+                if args.async_ and k < args.steps else None
 
-            rewards = grade(batch, [p.answer for p in step_problems for _ in range(args.group_size)], grader)
+            rewards = grade(batch, [p.answer for p in step_problems(global_step) for _ in range(args.group_size)],
+                            grader)
             advantages = group_advantages(rewards, args.group_size)
             clock.lap("reward")
 
             result = train(trainer, batch, advantages, args)
             clock.lap("train")
-            diffs = engine_difference(batch, result.old_rows)
-            if args.logprob_tol > 0 and not diffs.max() <= args.logprob_tol:
+            diffs = engine_difference(batch, result.old_rows, current)
+            if args.logprob_tol > 0 and diffs.size and not diffs.max() <= args.logprob_tol:
                 raise Fatal(
                     f"step {k}: the trainer's log-probs differ from the engine's target log-probs by up to "
                     f"{diffs.max():.3g} (> --logprob-tol {args.logprob_tol}): the server(s) do not serve the "
@@ -531,19 +618,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 shift = policy_shift(trainer, batch, result.old_rows, args.micro_batch_size)
                 clock.lap("shift")
 
-            # Publish: the next step samples on these weights.
+            # Publish: the next step samples on these weights (with --async: goes on sampling).
             path = save_checkpoint(trainer.model, trainer.tokenizer, root, k)
             clock.lap("save")
             version = reload(client, path, v0 + k, args)
             clock.lap("reload")
 
-            record = step_record(k, batch, rewards, result, diffs, shift, path, version, clock.stop(),
-                                 args.group_size)
+            times = clock.stop()
+            if args.async_:  # the rollouts call's own time, which overlapped the previous step
+                times["generate"] = generate_seconds
+            record = step_record(k, batch, rewards, result, diffs, shift, path, current, version, times,
+                                 args.group_size, mode)
             records.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            print(step_line(record, args.steps, len(step_problems), args.tis_mode), flush=True)
+            print(step_line(record, args.steps, args.prompts_per_step, args.tis_mode), flush=True)
     return records
 
 
