@@ -264,7 +264,8 @@ def test_client_survives_one_of_two_servers_dying_mid_batch(server, replica):
             stop.set()
             killer.join()
         assert doomed.process.poll() is not None, "the doomed server never took a request"
-        assert [(r.prompt_index, r.sample_index) for r in batch.rollouts] == [(p, s) for p in range(24) for s in range(2)]
+        pairs = [(r.prompt_index, r.sample_index) for r in batch.rollouts]
+        assert pairs == [(p, s) for p in range(24) for s in range(2)]
         assert all(len(r.token_ids) == len(r.behavior_logprobs) > 0 for r in batch.rollouts)
         assert batch.weight_version == 0
         assert client.health() == {doomed.url: False, server.url: True}

