@@ -45,7 +45,7 @@ from ead_server.bench.datasets import (
     load_jsonl,
 )
 from ead_server.bench.generate import GenerationError, detect_api, generate, plan_jobs, resolve_model
-from ead_server.bench import overhead, soak
+from ead_server.bench import overhead, serve_compare, soak
 from ead_server.bench.grading import GradeCache, GradingPool, extract_answer, grade_pools
 from ead_server.bench.metrics import TOOLS
 from ead_server.bench.report import write_report
@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ead-bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     overhead.add_arguments(sub.add_parser("overhead", help="tokens/s with and without a schedule, side by side"))
+    serve_compare.add_arguments(sub.add_parser(
+        "serve-compare", help="ead-server serve against stock vLLM's OpenAI server, same model and flags, in "
+                              "alternating rounds", description=serve_compare.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     soak.add_arguments(sub.add_parser("soak", help="mixed traffic, dropped clients and weight reloads for a fixed "
                                                    "time; counts what was served, failed and lost",
                                       description=soak.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -292,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     if args.command == "overhead":
         return overhead.run(args)
+    if args.command == "serve-compare":
+        return serve_compare.run(args)
     if args.command == "soak":
         return soak.run(args)
     try:
