@@ -45,7 +45,7 @@ from ead_server.bench.datasets import (
     load_jsonl,
 )
 from ead_server.bench.generate import GenerationError, detect_api, generate, plan_jobs, resolve_model
-from ead_server.bench import overhead, serve_compare, soak
+from ead_server.bench import overhead, reload_cost, serve_compare, soak
 from ead_server.bench.grading import GradeCache, GradingPool, extract_answer, grade_pools
 from ead_server.bench.metrics import TOOLS
 from ead_server.bench.report import write_report
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_arguments(sub.add_parser("soak", help="mixed traffic, dropped clients and weight reloads for a fixed "
                                                    "time; counts what was served, failed and lost",
                                       description=soak.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    reload_cost.add_arguments(sub.add_parser(
+        "reload-cost", help="a keep reload against a wait reload (and none) with requests in flight, side by side",
+        description=reload_cost.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p = sub.add_parser("majority", help="Maj@N, Pass@k and Worst@k of temperature schedules",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     srv = p.add_argument_group("server")
@@ -298,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return overhead.run(args)
     if args.command == "serve-compare":
         return serve_compare.run(args)
+    if args.command == "reload-cost":
+        return reload_cost.run(args)
     if args.command == "soak":
         return soak.run(args)
     try:
