@@ -12,7 +12,12 @@ one run on one machine. Columns, each a median in microseconds and its ratio to 
 (d) ``triton``: the Triton kernel on the row layout (GPU only);
 (e) ``naive``: a per-row Python processor in the style of the authors' released code
     (one temperature computed in Python and one division per row), the cost EAD has
-    without a batched kernel.
+    without a batched kernel; ``naive/torch`` is how many times faster our step is;
+(f) ``stats``: what the in-pass target statistics add to (b) when every row asks for
+    them: ``lse(h)`` before the rescale and ``lse(h / tau)`` after it, as the processor
+    takes them (``ead_server.vllm_adapter.processor._scaled_with_targets``), timed with
+    the step the processor runs (Triton on a GPU, (b) on a CPU) and reported as the
+    difference.
 
 On a GPU it also times a device-to-device copy of the same bytes (``copy``): the
 kernel reads and writes each logit once, so ``copy / triton`` is the fraction of the
@@ -31,20 +36,21 @@ latency counts: that is what the PyTorch path's handful of small ops costs per s
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from typing import Callable
 
 import torch
 
-import math
-
 from .temperature import (
     KIND_EAD,
     NUM_PARAMS,
+    apply_schedule_,
     apply_schedule_slots_,
     apply_schedule_torch_,
     apply_schedule_triton_,
+    schedule_temperatures,
     triton_available,
 )
 
@@ -87,6 +93,16 @@ def naive_processor(logits: torch.Tensor, positions: list[int]) -> torch.Tensor:
         temp = 1.0 if t < warmup else max(1.0 + tau_max - math.exp(t / scale), tau_min)
         logits[row].div_(temp)
     return logits
+
+
+def with_target_stats(logits: torch.Tensor, step: Callable[[torch.Tensor], object]) -> torch.Tensor:
+    """``step`` (in place) between the two log-sum-exps of the in-pass target log-probs, for
+    every row: the processor's ``_scaled_with_targets`` with all rows asking (it needs vLLM,
+    this module only torch)."""
+    index = torch.arange(logits.shape[0], device=logits.device)
+    raw = torch.logsumexp(logits.index_select(0, index).float(), -1)
+    step(logits)
+    return torch.stack([raw, torch.logsumexp(logits.index_select(0, index).float(), -1)], 1)
 
 
 def _time_ms(op: Op, work: torch.Tensor, source: torch.Tensor) -> float:
@@ -134,6 +150,8 @@ def run(
                 "torch": lambda x: apply_schedule_torch_(x, positions, kinds, params),
                 "slots": lambda x: apply_schedule_slots_(x, *slot_args),
                 "naive": lambda x: naive_processor(x, host_positions),
+                # The path the processor takes: Triton on a GPU, PyTorch on a CPU.
+                "step+stats": lambda x: with_target_stats(x, lambda y: apply_schedule_(y, positions, kinds, params)),
             }
             if use_triton:
                 ops["triton"] = lambda x: apply_schedule_triton_(x, positions, kinds, params)
@@ -145,14 +163,59 @@ def run(
     return results
 
 
+def breakdown(batch_sizes: list[int], vocab_sizes: list[int], warmup: int, repeats: int) -> list[dict[str, float | int]]:
+    """Where the PyTorch step's time goes on a CPU (``--breakdown``): the schedule alone,
+    warm (called in a loop) and right after the logits were written (as in the table
+    and in vLLM, where the model's output layer has just written them), and the division
+    by the finished temperatures. The difference between the two schedule times is what
+    the caches cost: the logits' writes evict the code and data of the small ops."""
+    device = torch.device("cpu")
+    results: list[dict[str, float | int]] = []
+    for vocab in vocab_sizes:
+        for batch in batch_sizes:
+            positions, kinds, params, _ = _rows(batch, device)
+            source = torch.randn(batch, vocab) * 8
+            work = source.clone()
+            temps = schedule_temperatures(positions, kinds, params).to(torch.float32).unsqueeze(1)
+            warm: list[float] = []
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                schedule_temperatures(positions, kinds, params).to(torch.float32)
+                if i >= warmup:
+                    warm.append((time.perf_counter() - t0) * 1e3)
+            cold = _median_ms({
+                "schedule": lambda x: schedule_temperatures(positions, kinds, params).to(torch.float32),
+                "divide": lambda x: x.div_(temps),
+                "step": lambda x: apply_schedule_torch_(x, positions, kinds, params),
+            }, source, warmup, repeats)
+            results.append({"vocab": vocab, "batch": batch, "schedule_warm": statistics.median(warm),
+                            "schedule_cold": cold["schedule"], "divide": cold["divide"], "step": cold["step"]})
+            del work
+    return results
+
+
+def format_breakdown(results: list[dict[str, float | int]]) -> str:
+    """The breakdown in microseconds."""
+    header = (f"{'vocab':>7} {'batch':>5} | {'schedule warm us':>16} | {'schedule after write us':>23} | "
+              f"{'divide us':>9} | {'step us':>9}")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(f"{r['vocab']:>7} {r['batch']:>5} | {float(r['schedule_warm']) * 1e3:>16.1f} | "
+                     f"{float(r['schedule_cold']) * 1e3:>23.1f} | {float(r['divide']) * 1e3:>9.1f} | "
+                     f"{float(r['step']) * 1e3:>9.1f}")
+    return "\n".join(lines)
+
+
 COLUMNS = ("torch", "slots", "triton", "naive")
 
 
 def format_table(results: list[dict[str, float | int | None]]) -> str:
-    """Medians in microseconds, each path's ratio to the baseline, and on a GPU the
-    Triton kernel's bandwidth as a share of a copy of the same bytes."""
+    """Medians in microseconds, each path's ratio to the baseline, how many times faster
+    our step is than the naive processor, the in-pass statistics' own cost, and on a GPU
+    the Triton kernel's bandwidth as a share of a copy of the same bytes."""
     header = f"{'vocab':>7} {'batch':>5} | {'base us':>9} | " + " | ".join(
-        f"{name + ' us':>10} {'x base':>7}" for name in COLUMNS) + f" | {'% copy bw':>9}"
+        f"{name + ' us':>10} {'x base':>7}" for name in COLUMNS) + \
+        f" | {'naive/ours':>10} | {'stats us':>9} {'x base':>7} | {'% copy bw':>9}"
     lines = [header, "-" * len(header)]
     for r in results:
         base = float(r["baseline"])  # type: ignore[arg-type]
@@ -162,6 +225,10 @@ def format_table(results: list[dict[str, float | int | None]]) -> str:
             cells.append(
                 f"{'-':>10} {'-':>7}" if value is None else f"{float(value) * 1e3:>10.1f} {float(value) / base:>7.2f}"
             )
+        ours = float(r["triton"] if r["triton"] is not None else r["torch"])  # type: ignore[arg-type]
+        cells.append(f"{float(r['naive']) / ours:>10.2f}")  # type: ignore[arg-type]
+        stats = float(r["step+stats"]) - ours  # type: ignore[arg-type]
+        cells.append(f"{stats * 1e3:>9.1f} {stats / base:>7.2f}")
         share = None if r["copy"] is None or r["triton"] is None else 100 * float(r["copy"]) / float(r["triton"])
         cells.append(f"{'-':>9}" if share is None else f"{share:>9.0f}")
         lines.append(" | ".join(cells))
@@ -177,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 15 CPU, 200 GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CPU: also time the PyTorch step's parts (schedule warm and after the logits' write, "
+                             "division)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         # On a small shared CPU, waking an OpenMP pool can cost milliseconds and hide the op.
@@ -191,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {name}; dtype {args.dtype}; median of {repeats} after {warmup} warm-up{note}")
     results = run(args.batch_sizes, args.vocab_sizes, getattr(torch, args.dtype), warmup, repeats, device)
     print(format_table(results))
+    if args.breakdown and not on_gpu:
+        print("\nthe PyTorch step's parts (CPU):")
+        print(format_breakdown(breakdown(args.batch_sizes, args.vocab_sizes, warmup, repeats)))
 
 
 if __name__ == "__main__":
