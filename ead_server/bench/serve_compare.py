@@ -267,7 +267,23 @@ def _request(case: Case, args: argparse.Namespace, model: str, i: int, max_token
     return "/v1/completions", body
 
 
-async def _send(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> int:
+RETRIES = 2
+"""Times a request is sent again after a transport error with no response (a keep-alive
+connection the server closed as the client reused it); counted in the results."""
+
+
+async def _send(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[int, int]:
+    """Send one request; returns the tokens it generated and how many retries it took."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return await _send_once(client, url, body), attempt
+        except httpx.TransportError:
+            if attempt == RETRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _send_once(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> int:
     """Send one request and return the number of tokens it generated."""
     if body.get("stream"):
         tokens = None
@@ -301,6 +317,7 @@ class Load:
     requests: int
     tokens: int
     seconds: float
+    retries: int = 0
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -313,54 +330,58 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-async def closed_loop(client: httpx.AsyncClient, root: str, make: Callable[[int], tuple[str, dict[str, Any]]],
-                      concurrency: int, total: int) -> Load:
+async def closed_loop(root: str, make: Callable[[int], tuple[str, dict[str, Any]]], concurrency: int,
+                      total: int) -> Load:
     """``concurrency`` clients send ``total`` requests between them, each its next as soon
-    as its previous one is answered (closed loop: the server sets the pace)."""
+    as its previous one is answered (closed loop: the server sets the pace). Each load
+    opens its own connections: a pooled one left idle between loads may be closed by the
+    server's keep-alive timeout just as it is reused."""
     latencies: list[float] = []
-    tokens = 0
-    issued = 0
+    tokens = retries = issued = 0
 
-    async def client_loop() -> None:
-        nonlocal tokens, issued
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal tokens, retries, issued
         while issued < total:
             i, issued = issued, issued + 1
             path, body = make(i)
             t0 = time.perf_counter()
-            generated = await _send(client, root + path, body)  # not ``tokens += await``: a lost update
+            generated, retried = await _send(client, root + path, body)  # not ``tokens += await``: a lost update
             latencies.append(time.perf_counter() - t0)
-            tokens += generated
+            tokens, retries = tokens + generated, retries + retried
 
-    start = time.perf_counter()
-    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-    seconds = time.perf_counter() - start
-    return Load(tokens / seconds, _percentile(latencies, 0.5), _percentile(latencies, 0.99), total, tokens, seconds)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0, connect=30.0), limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return Load(tokens / seconds, _percentile(latencies, 0.5), _percentile(latencies, 0.99), total, tokens, seconds,
+                retries)
 
 
 async def _drive(root: str, cases: list[Case], args: argparse.Namespace, model: str, round_index: int,
                  check_processor: bool | None) -> tuple[dict[str, dict[int, Load]], bool | None]:
     """Warm up, then run every case at every concurrency on one server."""
-    limits = httpx.Limits(max_connections=max(args.concurrency) + 8, max_keepalive_connections=max(args.concurrency))
-    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0, connect=30.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=30.0)) as client:
         loaded = await processor_loaded(client, root, model) if check_processor is not None else None
-        if loaded is not None and loaded != check_processor:
-            want = "loaded" if check_processor else "hidden"
-            raise RuntimeError(f"the stock server was to run with our logits processor {want}, but the probe "
-                               f"found it {'loaded' if loaded else 'absent'}")
-        warm = min(4, max(args.concurrency))
-        for case in cases:  # first requests pay one-off costs (allocations, caches)
-            await closed_loop(client, root, lambda i, c=case: _request(c, args, model, 10_000 + i, 4), warm, warm)
-        results: dict[str, dict[int, Load]] = {case.name: {} for case in cases}
-        for concurrency in args.concurrency:
-            total = max(args.min_requests, args.requests_per_client * concurrency)
-            # Rotate the cases' order every round so that none always runs first.
-            shift = round_index % len(cases)
-            for case in cases[shift:] + cases[:shift]:
-                load = await closed_loop(client, root, lambda i, c=case: _request(c, args, model, i, args.max_tokens),
-                                         concurrency, total)
-                results[case.name][concurrency] = load
-                print(f"    c={concurrency:<3} {case.name:>15}: {load.throughput:8.1f} tok/s  p50 {load.p50:7.3f} s  "
-                      f"p99 {load.p99:7.3f} s  ({load.requests} requests, {load.seconds:.1f} s)", flush=True)
+    if loaded is not None and loaded != check_processor:
+        want = "loaded" if check_processor else "hidden"
+        raise RuntimeError(f"the stock server was to run with our logits processor {want}, but the probe "
+                           f"found it {'loaded' if loaded else 'absent'}")
+    warm = min(4, max(args.concurrency))
+    for case in cases:  # first requests pay one-off costs (allocations, caches)
+        await closed_loop(root, lambda i, c=case: _request(c, args, model, 10_000 + i, 4), warm, warm)
+    results: dict[str, dict[int, Load]] = {case.name: {} for case in cases}
+    for concurrency in args.concurrency:
+        total = max(args.min_requests, args.requests_per_client * concurrency)
+        # Rotate the cases' order every round so that none always runs first.
+        shift = round_index % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            load = await closed_loop(root, lambda i, c=case: _request(c, args, model, i, args.max_tokens),
+                                     concurrency, total)
+            results[case.name][concurrency] = load
+            print(f"    c={concurrency:<3} {case.name:>15}: {load.throughput:8.1f} tok/s  p50 {load.p50:7.3f} s  "
+                  f"p99 {load.p99:7.3f} s  ({load.requests} requests, {load.seconds:.1f} s"
+                  f"{f', {load.retries} retried' if load.retries else ''})", flush=True)
     return results, loaded
 
 
@@ -494,7 +515,7 @@ def run(args: argparse.Namespace) -> int:
                 if r + 1 >= args.min_rounds and all(row["settled"] for row in gated):
                     break
         except (LaunchError, RuntimeError, httpx.HTTPError) as exc:
-            print(f"ead-bench serve-compare: error: {exc}", file=sys.stderr)
+            print(f"ead-bench serve-compare: error: {exc!r}", file=sys.stderr)
             return 1
     loads = [x for rd in record["rounds"] for x in (rd["load_average_before"][0], rd["load_average_after"][0])]
     print(f"\n{name}: {len(rounds)} round(s), concurrency {args.concurrency}, {args.max_tokens} tokens per request"
