@@ -16,10 +16,10 @@ Why a middleware of our own rather than vLLM's guards alone:
   FastAPI's ``{"detail": ...}`` or a 500 from a ``RecursionError``. The parsed body is
   left in the ASGI scope (:func:`parsed_body`) for the middleware behind this one.
 * **Limits and load.** A request over a :mod:`ead_server.limits` limit is refused
-  before any route sees it; past ``max_concurrent_requests`` requests in flight, the
-  server answers 429 with ``Retry-After`` instead of queueing without bound. Admin
-  routes (weight changes) are never shed: a trainer's reload must get through a
-  saturated server.
+  before any route sees it; past ``max_concurrent_requests`` POST requests in flight,
+  the server answers 429 with ``Retry-After`` instead of queueing without bound. Reads
+  (GET: models, limits, weight versions) and admin routes (weight changes) are never
+  shed: a trainer's reload must get through a saturated server.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ class Guard:
             except _Disconnected:
                 return
             receive = _replay(body, receive)
-        if (method, path) in PUBLIC_ROUTES or path in self._never_shed(scope):
-            await self.app(scope, receive, send)
+        if method not in _BODY_METHODS or (method, path) in PUBLIC_ROUTES or path in self._never_shed(scope):
+            await self.app(scope, receive, send)  # reads (GET) are cheap, probes and weight changes must get through
             return
         if self.in_flight >= self.limits.max_concurrent_requests:
             await _send_error(send, APIError(

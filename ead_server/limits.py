@@ -16,8 +16,8 @@ limit                           counts                              over it
 ``max_sequences_per_request``   prompts x ``n``                     400, ``param`` ``n``
 ``max_body_bytes``              the request body                    413
 ``max_json_depth``              nesting of the JSON body            400
-``max_concurrent_requests``     requests in flight (per API         429 with ``Retry-After``
-                                server process)
+``max_concurrent_requests``     POST requests in flight (per API    429 with ``Retry-After``
+                                server process; not admin routes)
 ==============================  ==================================  =========================
 
 The counting looks at the body's fields, not at the route, so a route that a vLLM
@@ -79,7 +79,8 @@ _FLAGS = {
     "max_n": "samples per prompt (n)",
     "max_sequences_per_request": "prompts x n in one request",
     "max_body_bytes": "bytes of one request body (413 above it)",
-    "max_concurrent_requests": "requests in flight in one API server process (429 with Retry-After above it)",
+    "max_concurrent_requests": "POST requests in flight in one API server process, admin routes aside (429 with "
+                               "Retry-After above it)",
 }
 
 
@@ -105,7 +106,8 @@ class LimitsInfo(BaseModel):
     max_sequences_per_request: int = Field(description="prompts x n in one request")
     max_body_bytes: int = Field(description="bytes of one request body")
     max_json_depth: int = Field(description="nesting depth of a JSON body")
-    max_concurrent_requests: int = Field(description="requests in flight per API server process; more get 429")
+    max_concurrent_requests: int = Field(description="POST requests in flight per API server process (admin routes "
+                                                     "aside); more get 429 with Retry-After")
     retry_after_s: int = Field(description="the Retry-After of a 429")
 
 
