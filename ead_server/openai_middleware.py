@@ -12,14 +12,20 @@ without touching its internals, which is why it survives vLLM upgrades:
 * Responses: it adds the resolved schedule to each choice, the per-token temperatures
   beside the log-probs, and ``weight_version`` to every body and stream chunk. The
   temperatures are a function of the token index and the schedule, exactly as the
-  processor computes them.
+  processor computes them. Each finished choice gets its ``weight_versions`` spans.
+* ``return_target_logprobs`` (non-streaming, beside ``logprobs``): each token's
+  temperature-1 log-prob, from the sampling pass where exact, else a scoring pass (the
+  rules of ``/v1/rollouts``: ``ead_server.vllm_adapter.targets``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 
 from prometheus_client import Counter
@@ -29,7 +35,9 @@ from ead_server.errors import APIError
 from ead_server.guard import parsed_body
 from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY, PolicyError, check_temperature, resolve_schedule
 from ead_server.schedule import ResolvedSchedule
-from ead_server.vllm_adapter.engine import recording_versions
+from ead_server.vllm_adapter import engine as vllm_engine
+from ead_server.vllm_adapter.engine import EngineCall, recording_calls
+from ead_server.vllm_adapter.targets import TARGET_KEY, sample_ids
 from ead_server.weight_gate import WeightGate
 
 Scope = MutableMapping[str, Any]
@@ -89,6 +97,35 @@ def prepare_request(payload: dict[str, Any]) -> ResolvedSchedule | None:
     return schedule
 
 
+TARGETS_FIELD = "return_target_logprobs"
+
+
+def prepare_targets(payload: dict[str, Any]) -> tuple[bool, bool]:
+    """Take ``return_target_logprobs`` out of a body; returns whether it was asked and
+    whether to hide the token ids this turns on (the scoring fallback needs them).
+
+    Target log-probs are computed from the behaviour log-probs, so ``logprobs`` must be
+    asked too; streams are refused (``/v1/rollouts`` or ``stream: false`` give them).
+    """
+    wanted = payload.pop(TARGETS_FIELD, None)
+    if wanted is None or wanted is False:
+        return False, False
+    if wanted is not True:
+        raise APIError(400, f"{TARGETS_FIELD} must be true or false", TARGETS_FIELD)
+    if payload.get("stream"):
+        raise APIError(400, f"{TARGETS_FIELD} is not available on streams: use stream=false or /v1/rollouts",
+                       TARGETS_FIELD)
+    if payload.get("logprobs") is None or payload.get("logprobs") is False:  # 0 asks for the sampled token
+        raise APIError(400, f"{TARGETS_FIELD} needs logprobs (they are computed from the behaviour log-probs)",
+                       TARGETS_FIELD)
+    hide_ids = not payload.get("return_token_ids")
+    payload["return_token_ids"] = True
+    xargs = payload.get("vllm_xargs")
+    if isinstance(xargs, dict) and SCHEDULE_KEY in xargs:  # in-pass numbers need the processor: a schedule
+        xargs[TARGET_KEY] = f"http-{uuid.uuid4().hex}"
+    return True, hide_ids
+
+
 def refuse_schedule(path: str, payload: dict[str, Any]) -> None:
     """Raise a 400 naming the field when a request to a route that does not apply
     schedules carries one (as the field, in ``vllm_xargs`` or in
@@ -114,7 +151,7 @@ class _Decorator:
     """
 
     def __init__(self, endpoint: str, schedule: ResolvedSchedule | None, version: int, n: int,
-                 calls: list[dict[int, list[dict[str, Any]]]]) -> None:
+                 calls: list[EngineCall]) -> None:
         self.endpoint = endpoint
         self.schedule = schedule
         self.echo = schedule.model_dump() if schedule else None
@@ -125,7 +162,38 @@ class _Decorator:
 
     def _spans(self, index: int) -> list[dict[str, Any]] | None:
         call, sample = divmod(index, self.n)
-        return self.calls[call].get(sample) if call < len(self.calls) else None
+        return self.calls[call].spans.get(sample) if call < len(self.calls) else None
+
+    async def add_targets(self, obj: dict[str, Any], engine: Any, hide_ids: bool) -> None:
+        """Each choice's target log-probs (a finished, non-streamed body)."""
+        wanted = {}  # choice index -> in-pass id
+        for index in (choice.get("index", 0) for choice in obj.get("choices") or ()):
+            call, sample = divmod(index, self.n)
+            if call < len(self.calls) and self.calls[call].target_id is not None:
+                wanted[index] = sample_ids(self.calls[call].target_id, self.n)[sample]
+        recorded = await vllm_engine.targets.collect(engine, list(wanted.values())) if wanted else {}
+
+        async def one(choice: dict[str, Any]) -> None:
+            index, logprobs = choice.get("index", 0), choice.get("logprobs") or {}
+            items = logprobs.get("token_logprobs" if self.endpoint == "completions" else "content") or []
+            behaviour = items if self.endpoint == "completions" else [item["logprob"] for item in items]
+            temps = self.schedule.temperatures(len(behaviour)) if self.schedule else [1.0] * len(behaviour)
+            prompt_ids = choice.get("prompt_token_ids") or obj.get("prompt_token_ids") or []
+            values, source = await vllm_engine.sample_targets(
+                engine, prompt_ids, choice.get("token_ids") or [], behaviour, temps, choice.get("weight_versions"),
+                recorded.get(wanted[index]) if index in wanted else None, f"http-{uuid.uuid4().hex}")
+            choice["target_logprobs_source"] = source
+            if self.endpoint == "completions":
+                logprobs["target_logprobs"] = values
+            else:
+                for item, value in zip(items, values):
+                    item["target_logprob"] = value
+
+        await asyncio.gather(*(one(choice) for choice in obj.get("choices") or ()))
+        if hide_ids:
+            obj.pop("prompt_token_ids", None)
+            for choice in obj.get("choices") or ():
+                choice.pop("token_ids", None), choice.pop("prompt_token_ids", None)
 
     def __call__(self, obj: Any) -> Any:
         if not isinstance(obj, dict) or "error" in obj:
@@ -190,6 +258,7 @@ class ScheduleMiddleware:
                 refuse_schedule(path, payload)
             else:
                 schedule = prepare_request(payload)
+                wants_targets, hide_ids = prepare_targets(payload)
                 if endpoint == "chat":
                     check_conversation(payload.get("messages"))
         except APIError as exc:
@@ -204,9 +273,11 @@ class ScheduleMiddleware:
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 0) > 0 else 1
         async with self.gate.reading() as version:
-            with recording_versions() as calls:
+            with recording_calls() as calls:
                 decorate = _Decorator(endpoint, schedule, version, n, calls)
-                await self.app(scope, _replay(body, receive), _decorating_send(send, decorate))
+                engine = scope["app"].state.ead.engine
+                finish = partial(decorate.add_targets, engine=engine, hide_ids=hide_ids) if wants_targets else None
+                await self.app(scope, _replay(body, receive), _decorating_send(send, decorate, finish))
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -238,8 +309,10 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _decorating_send(send: Send, decorate: _Decorator) -> Send:
-    """Rewrite JSON bodies whole and server-sent events one event at a time."""
+def _decorating_send(send: Send, decorate: _Decorator,
+                     finish: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> Send:
+    """Rewrite JSON bodies whole and server-sent events one event at a time; ``finish``
+    completes a whole (non-streamed) body once it is known."""
     start: Message | None = None
     streaming = False
     buffer = b""
@@ -273,9 +346,13 @@ def _decorating_send(send: Send, decorate: _Decorator) -> Send:
         body = buffer
         if start["status"] == 200:
             try:
-                body = json.dumps(decorate(json.loads(body))).encode()
+                obj = decorate(json.loads(body))
             except ValueError:
-                pass
+                obj = None
+            if isinstance(obj, dict):
+                if finish is not None:
+                    await finish(obj)
+                body = json.dumps(obj).encode()
         headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
         await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

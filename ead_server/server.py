@@ -62,7 +62,7 @@ async def init_state(engine: Any, state: State, args: argparse.Namespace) -> Non
     state.ead_gate.path = config.model_path
     state.ead = AppState(engine=engine, config=config, gate=state.ead_gate)
     await vllm_engine.set_weight_version(engine, state.ead_gate.tag)
-    vllm_engine.tap_weight_versions(engine)
+    vllm_engine.tap_engine_calls(engine)
 
 
 router = APIRouter()

@@ -90,3 +90,43 @@ def test_rollouts_take_a_fixed_temperature_without_a_schedule(server):
     assert response.status_code == 200, response.text
     rollout = response.json()["rollouts"][0]
     assert rollout["temperatures"] == [0.5] * len(rollout["token_ids"])
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_target_logprobs_on_completions_and_chat(server, model_name, tiny_model_dir, endpoint):
+    """The extension field beside ``logprobs``: in-pass where exact, scoring pass with top-k;
+    both equal transformers' log_softmax(h)[y] over the same tokens."""
+    import torch
+
+    from oracle import completion_logits
+
+    schedule = {"type": "ead", "warmup": 2, "decay": 5, "tau_min": 0.4}
+    base = ({"prompt": "Hello there", "logprobs": 0} if endpoint == "completions" else
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True})
+    for extra, source in (({}, "sampling"), ({"top_k": 5}, "scoring")):
+        body = {"model": model_name, "max_tokens": 12, "n": 2, "seed": 4, "temperature_schedule": schedule,
+                "return_target_logprobs": True, "return_token_ids": True, **base, **extra}
+        reply = httpx.post(f"{server.base_url}/{'completions' if endpoint == 'completions' else 'chat/completions'}",
+                           json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        obj = reply.json()
+        for choice in obj["choices"]:
+            assert choice["target_logprobs_source"] == source
+            prompt = choice.get("prompt_token_ids") or obj["prompt_token_ids"]
+            ids = choice["token_ids"]
+            got = (choice["logprobs"]["target_logprobs"] if endpoint == "completions" else
+                   [item["target_logprob"] for item in choice["logprobs"]["content"]])
+            h = completion_logits(tiny_model_dir, prompt, ids)
+            want = h.log_softmax(-1).gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1)
+            torch.testing.assert_close(torch.tensor(got), want, atol=2e-4, rtol=1e-5)
+    # Token ids turned on for the scoring fallback are hidden unless asked; streams and a
+    # missing logprobs are refused naming the field.
+    plain = httpx.post(f"{server.base_url}/completions", timeout=120, json={
+        "model": model_name, "prompt": "x", "max_tokens": 3, "logprobs": 0, "return_target_logprobs": True,
+        "temperature_schedule": schedule}).json()
+    assert "token_ids" not in plain["choices"][0] and len(plain["choices"][0]["logprobs"]["target_logprobs"]) == 3
+    for bad in ({"stream": True, "logprobs": 0}, {}, {"logprobs": 0, "return_target_logprobs": "yes"}):
+        body = {"model": model_name, "prompt": "x", "max_tokens": 3, "return_target_logprobs": True, **bad}
+        refused = httpx.post(f"{server.base_url}/completions", json=body, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "return_target_logprobs"

@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from copy import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm import SamplingParams
@@ -17,8 +19,8 @@ from ead_server.vllm_adapter import targets
 from ead_server.weight_gate import parse_tag
 
 __all__ = ["LOGPROBS_MODE", "ask_in_pass_targets", "completion_logprobs", "completion_targets", "context_length", "finish_transfer", "generate", "load_weights",
-           "pause", "recording_versions", "reset_cache", "resume", "rl_router", "rollout_params", "schedule_extra_args", "set_weight_version",
-           "tap_weight_versions", "target_logprobs", "version_spans", "vllm_version"]
+           "pause", "EngineCall", "recording_calls", "reset_cache", "resume", "rl_router", "rollout_params", "sample_targets", "schedule_extra_args", "set_weight_version",
+           "tap_engine_calls", "target_logprobs", "version_spans", "vllm_version"]
 
 LOGPROBS_MODE = "processed_logprobs"
 """The engine's ``logprobs_mode`` under which returned log-probs are behaviour log-probs:
@@ -106,22 +108,30 @@ async def completion_targets(
     engine: Any, prompt_ids: list[int], completions: list[Any], temperatures: list[list[float]], request_id: str,
     n: int, in_pass: bool,
 ) -> list[tuple[list[float | None], str]]:
-    """Each completion's target log-probs and where they came from: ``"sampling"`` (the
-    processor's in-pass numbers, exact across weight changes, since the same step made
-    them) or ``"scoring"`` (a second pass; tokens whose weights were replaced before it
-    ran get ``None``)."""
-    recorded = await targets.collect(engine, targets.sample_ids(request_id, n)) if in_pass else {}
+    """Each completion's target log-probs and where they came from (:func:`sample_targets`)."""
     ids = targets.sample_ids(request_id, n)
-    found = [targets.targets_from(recorded.get(ids[c.index], {}), completion_logprobs(c), temps)
-             if in_pass and c.index < len(ids) else None for c, temps in zip(completions, temperatures)]
+    recorded = await targets.collect(engine, ids) if in_pass else {}
+    return list(await asyncio.gather(*(
+        sample_targets(engine, prompt_ids, list(c.token_ids), completion_logprobs(c), temps, version_spans(c),
+                       recorded.get(ids[c.index]) if in_pass and c.index < len(ids) else None,
+                       f"{request_id}-{c.index}")
+        for c, temps in zip(completions, temperatures)
+    )))
 
-    async def score(c: Any) -> list[float | None]:
-        values, version = await target_logprobs(engine, prompt_ids, list(c.token_ids), f"{request_id}-score-{c.index}")
-        return _same_weights_only(values, version, version_spans(c))
 
-    scored = await asyncio.gather(*(score(c) for c, got in zip(completions, found) if got is None))
-    rest = iter(scored)
-    return [(got, "sampling") if got is not None else (next(rest), "scoring") for got in found]
+async def sample_targets(
+    engine: Any, prompt_ids: list[int], token_ids: list[int], behaviour: list[float], temperatures: list[float],
+    spans: list[dict[str, Any]] | None, recorded: dict[int, tuple[float, float]] | None, request_id: str,
+) -> tuple[list[float | None], str]:
+    """One sample's target log-probs and where they came from: ``"sampling"`` (the
+    processor's in-pass numbers, exact across weight changes, since the same step made
+    them) or ``"scoring"`` (a second pass, when nothing was recorded; tokens whose weights
+    were replaced before it ran get ``None``)."""
+    found = targets.targets_from(recorded, behaviour, temperatures) if recorded is not None else None
+    if found is not None:
+        return found, "sampling"
+    values, version = await target_logprobs(engine, prompt_ids, token_ids, f"{request_id}-score")
+    return _same_weights_only(values, version, spans), "scoring"
 
 
 def _same_weights_only(values: list[float], version: int | None,
@@ -201,16 +211,26 @@ def version_spans(completion: Any) -> list[dict[str, Any]] | None:
     return out
 
 
-_RECORDER: ContextVar[list[dict[int, list[dict[str, Any]]]] | None] = ContextVar("ead_version_spans", default=None)
+@dataclass
+class EngineCall:
+    """What the adapter saw of one ``generate`` call made while handling an HTTP request:
+    each sample's version spans (by completion index) and, if the request asked for
+    in-pass target log-probs, the id they were recorded under."""
+
+    spans: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    target_id: str | None = None
+
+
+_RECORDER: ContextVar[list[EngineCall] | None] = ContextVar("ead_engine_calls", default=None)
 
 
 @contextmanager
-def recording_versions() -> Iterator[list[dict[int, list[dict[str, Any]]]]]:
-    """Collect the version spans of every engine request made inside the block, from any
-    task it starts: one dict per ``generate`` call, in call order, completion index ->
-    spans. vLLM's OpenAI handlers drop ``CompletionOutput.weight_versions``; the
-    middleware records them here around the handler and adds them to the response."""
-    calls: list[dict[int, list[dict[str, Any]]]] = []
+def recording_calls() -> Iterator[list[EngineCall]]:
+    """Collect an :class:`EngineCall` for every engine request made inside the block, from
+    any task it starts, in call order (one per prompt). vLLM's OpenAI handlers drop
+    ``CompletionOutput.weight_versions``; the middleware records them here around the
+    handler and adds them to the response."""
+    calls: list[EngineCall] = []
     token = _RECORDER.set(calls)
     try:
         yield calls
@@ -218,33 +238,39 @@ def recording_versions() -> Iterator[list[dict[int, list[dict[str, Any]]]]]:
         _RECORDER.reset(token)
 
 
-def tap_weight_versions(engine: Any) -> None:
-    """Wrap ``engine.generate`` so that :func:`recording_versions` sees the spans (idempotent).
+def tap_engine_calls(engine: Any) -> None:
+    """Wrap ``engine.generate`` so that :func:`recording_calls` sees each call (idempotent).
 
     The entry is made when ``generate`` is called, not when it is first iterated, so the
     order of the entries is the order of the prompts even when vLLM iterates them merged.
+    vLLM hands every prompt of a request the same ``SamplingParams``; a request asking for
+    in-pass targets gets a copy per prompt, each with its own id.
     """
     original = engine.generate
     if getattr(original, "_ead_tap", False):
         return
 
-    def generate(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    def generate(prompt: Any, params: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         calls = _RECORDER.get()
-        entry: dict[int, list[dict[str, Any]]] | None = None
-        if calls is not None:
-            entry = {}
-            calls.append(entry)
-        return _tapped(original(*args, **kwargs), entry)
+        if calls is None:
+            return original(prompt, params, *args, **kwargs)
+        call = EngineCall()
+        base = (getattr(params, "extra_args", None) or {}).get(targets.TARGET_KEY)
+        if base is not None:
+            call.target_id = f"{base}/{len(calls)}"
+            params = copy(params)
+            params.extra_args = {**params.extra_args, targets.TARGET_KEY: call.target_id}
+        calls.append(call)
+        return _tapped(original(prompt, params, *args, **kwargs), call)
 
     generate._ead_tap = True  # type: ignore[attr-defined]
     engine.generate = generate
 
 
-async def _tapped(outputs: AsyncIterator[Any], entry: dict[int, list[dict[str, Any]]] | None) -> AsyncIterator[Any]:
+async def _tapped(outputs: AsyncIterator[Any], call: EngineCall) -> AsyncIterator[Any]:
     async for output in outputs:
-        if entry is not None:
-            for completion in output.outputs:
-                spans = version_spans(completion)
-                if spans:
-                    entry[completion.index] = spans
+        for completion in output.outputs:
+            spans = version_spans(completion)
+            if spans:
+                call.spans[completion.index] = spans
         yield output
