@@ -1,8 +1,9 @@
-"""What a ``keep`` reload costs against a ``wait`` reload, measured side by side.
+"""``ead-bench reload-cost``: what a ``keep`` reload costs against a ``wait`` reload,
+measured side by side.
 
 Run against a server started with ``--weights-root`` and ``--admin-key``::
 
-    python -m ead_server.bench.reload_cost --base-url http://127.0.0.1:8000 --admin-key k \\
+    ead-bench reload-cost --base-url http://127.0.0.1:8000 --admin-key k \\
         --path CHECKPOINT [--path CHECKPOINT2] --requests 8 --max-tokens 256 --after-tokens 64
 
 One round of a variant: ``--requests`` seeded rollouts (``ignore_eos``, so every one
@@ -19,7 +20,9 @@ next ``--path``, cycling). Variants, in an order that rotates every round:
 
 Reported per variant, as medians over the rounds: ``reload`` (seconds the reload call
 took: how long a trainer waits for its new weights to serve) and ``in flight`` (seconds
-until the last request in flight finished: how long the rollouts took).
+until the last request in flight finished: how long the rollouts took). On a shared
+machine the load drifts between rounds, so the cost of a mode is also given as the median
+over rounds of ``in flight`` minus that of the same round's ``none``.
 """
 
 from __future__ import annotations
@@ -116,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
           f"{args.after_tokens} streamed tokens; medians of {args.rounds} rounds")
     for mode, rounds in results.items():
         med = {key: statistics.median(r[key] for r in rounds) for key in ("reload_s", "inflight_s", "refilled")}
-        print(f"  {mode:>4}: reload {med['reload_s']:6.2f} s, in flight {med['inflight_s']:6.2f} s, "
-              f"refilled {med['refilled']:.0f} tokens")
+        extra = [r["inflight_s"] - base["inflight_s"] for r, base in zip(rounds, results["none"])]
+        print(f"  {mode:>4}: reload {med['reload_s']:6.2f} s, in flight {med['inflight_s']:6.2f} s "
+              f"({statistics.median(extra):+.2f} s against the same round's none), refilled {med['refilled']:.0f} "
+              "tokens")
     return 0
 
 
