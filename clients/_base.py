@@ -11,6 +11,7 @@ blocking or awaiting.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
 import random
@@ -52,6 +53,10 @@ DEFAULT_COOLOFF = 10.0
 MAX_BACKOFF = 30.0
 # Connecting to a dead host should not take the generation timeout to notice.
 MAX_CONNECT_TIMEOUT = 10.0
+# The longest Retry-After honoured as given; a longer one is waited this long.
+MAX_RETRY_AFTER = 60.0
+# The limits of GET /v1/limits that decide how a call is split into requests.
+_SPLIT_LIMITS = ("max_prompts_per_request", "max_n", "max_sequences_per_request", "max_body_bytes")
 
 # Transport failures that happen before the request reaches the server: safe to retry
 # even for requests that change server state (weight reloads).
@@ -110,12 +115,18 @@ class _ChunkFailure:
 
 @dataclass
 class _RetryState:
-    """One request's way through the servers."""
+    """One request's way through the servers.
+
+    ``shed`` counts the attempts a server turned away for load with ``Retry-After``
+    (429/503); they do not use up ``max_retries``, but their waits together are bounded by
+    the request timeout (``shed_wait``)."""
 
     attempts: int = 0
     tried: set[str] = field(default_factory=set)
     last_error: BaseException | None = None
     last_url: str | None = None
+    shed: int = 0
+    shed_wait: float = 0.0
 
     def record(self, url: str) -> None:
         """An attempt is about to go to ``url``."""
@@ -160,7 +171,10 @@ class BaseEADClient:
         timeout: seconds a request may take (generation included); connecting is given at
             most 10 s of it.
         max_retries: retries of one request after its first attempt, on connection errors,
-            timeouts, 5xx, 408 and 429. 4xx answers are never retried.
+            timeouts, 5xx, 408 and 429. 4xx answers are never retried. A 429 or 503 with
+            ``Retry-After`` (the server shedding load) is retried after the time it asks
+            for (at most 60 s; another server at once if one is free), without using up
+            ``max_retries``, for as long as those waits add up to less than ``timeout``.
         backoff: base of the exponential back-off: retry ``k`` waits
             ``min(backoff * 2**(k-1), 30) * uniform(0.5, 1)`` seconds, except that a retry
             goes out at once when a server it has not tried is up (fail-over).
@@ -208,6 +222,8 @@ class BaseEADClient:
         self.cooloff = float(cooloff)
         self.chunk_size = chunk_size
         self._servers = [_Server(u) for u in roots]
+        # GET /v1/limits of each server, once; {} for a server that publishes none.
+        self._limits: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()  # never held across I/O, so fine from async code too
         self._rr = 0
         self._rng = random.Random()
@@ -249,8 +265,9 @@ class BaseEADClient:
             server.in_flight += 1
             return server
 
-    def _release_server(self, server: _Server, ok: bool | None) -> None:
-        """``ok``: True on an answer, False on a transient failure (start a cool-off),
+    def _release_server(self, server: _Server, ok: bool | None, cooloff: float | None = None) -> None:
+        """``ok``: True on an answer, False on a transient failure (start a cool-off of
+        ``cooloff`` seconds, default the client's: a server's ``Retry-After`` says how long),
         None when the outcome says nothing about the server's health."""
         with self._lock:
             server.in_flight -= 1
@@ -259,7 +276,7 @@ class BaseEADClient:
                 server.down_until = 0.0
             elif ok is False:
                 server.failures += 1
-                server.down_until = time.monotonic() + self.cooloff
+                server.down_until = time.monotonic() + (self.cooloff if cooloff is None else cooloff)
 
     def _has_fresh_server(self, avoid: set[str]) -> bool:
         now = time.monotonic()
@@ -269,9 +286,10 @@ class BaseEADClient:
     def _backoff_delay(self, state: _RetryState) -> float | None:
         """Exponential back-off with jitter before retry ``state.attempts``, or None when
         the retries are used up."""
-        if state.attempts > self.max_retries:
+        retries = state.attempts - state.shed
+        if retries > self.max_retries:
             return None
-        k = max(state.attempts, 1)
+        k = max(retries, 1)
         return min(self.backoff * 2 ** (k - 1), MAX_BACKOFF) * self._rng.uniform(0.5, 1.0)
 
     def _retry_delay(self, state: _RetryState) -> float | None:
@@ -281,6 +299,18 @@ class BaseEADClient:
         if delay is not None and self._has_fresh_server(state.tried):
             return 0.0
         return delay
+
+    def _shed_delay(self, state: _RetryState, answer: httpx.Response) -> float | None:
+        """For an answer that sheds load with ``Retry-After`` (429, 503): record it and
+        return the wait it asks for, or None when it is not such an answer or the waits
+        would exceed the request timeout (then it counts as an ordinary failure)."""
+        wait = _retry_after(answer) if answer.status_code in (429, 503) else None
+        if wait is None or state.shed_wait + wait > self.timeout:
+            return None
+        wait = max(wait, 0.1)  # "Retry-After: 0" must not make a busy loop
+        state.shed += 1
+        state.shed_wait += wait
+        return wait
 
     def _unavailable(self, state: _RetryState, what: str) -> ServerUnavailableError:
         err = ServerUnavailableError(
@@ -310,6 +340,7 @@ class BaseEADClient:
             server = self._acquire_server(state.tried)
             state.record(server.url)
             healthy: bool | None = None
+            wait: float | None = None
             try:
                 answer = yield _Send("POST", server.url + "/v1/rollouts", chunk.body, self._headers())
                 if isinstance(answer, httpx.TransportError):
@@ -324,9 +355,12 @@ class BaseEADClient:
                         err.prompt_indices = chunk.indices
                         raise err
                     healthy, state.last_error = False, err
+                    wait = self._shed_delay(state, answer)
             finally:
-                self._release_server(server, healthy)
+                self._release_server(server, healthy, wait)
             delay = self._retry_delay(state)
+            if wait is not None and delay:  # busy: wait as long as the server asked, unless another is free
+                delay = wait
             if delay is None:
                 return _ChunkFailure(chunk, self._unavailable(state, _describe_chunk(chunk)))
             yield delay
@@ -349,9 +383,14 @@ class BaseEADClient:
                 return self._json(answer, url)
             else:
                 err = self._api_error(answer, url)
-                if not (idempotent and self._is_transient_status(answer.status_code)):
+                # Shed load (429/503 with Retry-After) was not processed: retried even when not idempotent.
+                wait = self._shed_delay(state, answer)
+                if wait is None and not (idempotent and self._is_transient_status(answer.status_code)):
                     raise err
                 state.last_error = err
+                if wait is not None:
+                    yield wait
+                    continue
             delay = self._backoff_delay(state)
             if delay is None:
                 raise self._unavailable(state, f"{method} {path}")
@@ -375,6 +414,42 @@ class BaseEADClient:
         take the generation timeout to report."""
         answer = yield _Send("GET", url + "/health", None, self._headers(), timeout=self._probe_timeout)
         return not isinstance(answer, httpx.TransportError) and answer.is_success
+
+    def _limits_flow(self, url: str) -> _Flow[dict[str, int] | None]:
+        """The server's ``GET /v1/limits``, asked once and remembered (no request when
+        known). A server without the route (404, 405) has none: ``{}``. Any other failure
+        leaves it unknown (None) for the next call to ask again; the call goes on
+        without it, and the server's 400 would name any limit it trips."""
+        if url in self._limits:
+            return self._limits[url]
+        answer = yield _Send("GET", url + "/v1/limits", None, self._headers(), timeout=self._probe_timeout)
+        if isinstance(answer, httpx.TransportError):
+            return None
+        limits: dict[str, int] | None = None
+        if answer.status_code in (404, 405):
+            limits = {}
+        elif answer.is_success:
+            try:
+                body = answer.json()
+                limits = {k: int(body[k]) for k in _SPLIT_LIMITS if isinstance(body.get(k), int) and body[k] > 0}
+            except (ValueError, AttributeError):
+                limits = None
+        if limits is not None:
+            with self._lock:
+                self._limits[url] = limits
+        return limits
+
+    def _limits_unknown(self) -> bool:
+        return any(u not in self._limits for u in self.base_urls)
+
+    def _effective_limits(self) -> dict[str, int]:
+        """The tightest of the known servers' limits, key by key: a request must fit
+        whichever server it goes to (fail-over included)."""
+        out: dict[str, int] = {}
+        for limits in self._limits.values():
+            for key, value in limits.items():
+                out[key] = min(value, out.get(key, value))
+        return out
 
     # -- answers -----------------------------------------------------------------------
 
@@ -499,19 +574,43 @@ class BaseEADClient:
         Seeded: one prompt per request with seed ``seed + prompt_index``, so prompt ``i``'s
         samples are exactly those of a single-prompt request seeded ``seed + i`` however
         the call is split, retried or failed over, and whatever the server count.
+        Either way a request stays within the servers' published limits (``GET
+        /v1/limits``): at most ``max_prompts_per_request`` prompts, ``max_sequences_per_request``
+        prompts x n, and ``max_body_bytes``; an ``n`` no request can hold raises
+        ``ValueError`` before anything is sent.
         """
         total = len(items)
+        limits = self._effective_limits()
+        n = common.get("n", 1)
+        most = min(limits.get("max_n", n), limits.get("max_sequences_per_request", n))
+        if n > most:
+            raise ValueError(f"n={n} is more than one request may ask for on these servers (max_n="
+                             f"{limits.get('max_n')}, max_sequences_per_request={limits.get('max_sequences_per_request')}"
+                             f", GET /v1/limits)")
+        cap = min(limits.get("max_prompts_per_request", total), limits.get("max_sequences_per_request", total * n) // n)
         if seed is not None:
             size = 1
         else:
-            size = self.chunk_size or max(1, math.ceil(total / self.max_concurrency))
+            size = min(self.chunk_size or max(1, math.ceil(total / self.max_concurrency)), max(cap, 1))
+        budget = limits.get("max_body_bytes")
+        overhead = len(json.dumps({key: [], **common, "seed": 0})) if budget else 0
         chunks = []
-        for start in range(0, total, size):
+        start = 0
+        while start < total:
             stop = min(start + size, total)
+            if budget:  # fewer prompts when their JSON would not fit the body limit (one always goes)
+                used, fits = overhead, start
+                while fits < stop:
+                    used += len(json.dumps(items[fits])) + 2
+                    if used > budget and fits > start:
+                        break
+                    fits += 1
+                stop = fits
             body = {key: items[start:stop], **common}
             if seed is not None:
                 body["seed"] = seed + start
             chunks.append(_Chunk(start, stop, body))
+            start = stop
         return chunks
 
     def _build_rollout_chunks(
@@ -649,6 +748,25 @@ class BaseEADClient:
                 err.add_note("outcome on the other servers: " + "; ".join(others))
             raise err
         return done  # type: ignore[return-value]
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), at most
+    :data:`MAX_RETRY_AFTER`; None without a usable header."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _describe_chunk(chunk: _Chunk) -> str:

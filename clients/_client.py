@@ -181,7 +181,9 @@ class EADClient(BaseEADClient):
                 servers there are, of ``chunk_size`` / ``max_concurrency``, and of retries
                 and fail-over (given the same weights). The server keeps the ``n`` samples
                 of one request independent (SPEC section 2). ``None``: unseeded, and
-                prompts are batched ``chunk_size`` per request.
+                prompts are batched ``chunk_size`` per request. Either way, requests are
+                split to fit the servers' published limits (``GET /v1/limits``, read once
+                per server).
             top_p, top_k: truncation of the behaviour distribution (the behaviour
                 log-probs then refer to the truncated distribution).
             return_target_logprobs: also return the temperature-1 log-probs of every
@@ -201,6 +203,8 @@ class EADClient(BaseEADClient):
             WeightVersionMismatch: the responses came from different weight versions.
             ProtocolError: a server answered with a body that breaks the protocol.
         """
+        if self._limits_unknown():  # once per server: GET /v1/limits, to split the call to fit
+            self._each_server(self._limits_flow, raise_errors=False)
         chunks = self._build_rollout_chunks(
             prompts, messages, n=n, max_tokens=max_tokens, schedule=schedule, step=step, stop=stop,
             seed=seed, top_p=top_p, top_k=top_k, return_target_logprobs=return_target_logprobs, model=model,
@@ -345,6 +349,8 @@ class AsyncEADClient(BaseEADClient):
         return_target_logprobs: bool = False,
         model: str | None = None,
     ) -> RolloutBatch:
+        if self._limits_unknown():
+            await self._each_server(self._limits_flow, raise_errors=False)
         chunks = self._build_rollout_chunks(
             prompts, messages, n=n, max_tokens=max_tokens, schedule=schedule, step=step, stop=stop,
             seed=seed, top_p=top_p, top_k=top_k, return_target_logprobs=return_target_logprobs, model=model,
