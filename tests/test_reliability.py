@@ -191,6 +191,7 @@ def test_every_generating_route_applies_or_refuses_the_schedule(guarded, routes)
                     response = http.post(_concrete(path), json={"model": "tiny", **extra})
                     assert response.status_code == 400 and _is_openai_error(response), (path, response.text)
                     assert response.json()["error"]["param"] == param, (path, response.text)
+    print(f"schedule table: {dict(seen)} of {len(_post_paths(routes))} POST routes")
     assert seen["applies"] == 4 and seen["refuses"] >= 10 and seen["left alone"] >= 5
 
 
@@ -212,6 +213,7 @@ def test_every_route_but_the_probes_needs_the_key(guarded, routes):
                 assert response.status_code == 401, (method, path, headers, response.status_code)
                 assert KEY not in response.text and ADMIN not in response.text
             checked += 1
+    print(f"auth: {checked} routes refused without a key or with 3 wrong ones; {len(PUBLIC)} public probes")
     assert checked >= 40
     assert {("POST", "/invocations"), ("POST", "/tokenize"), ("POST", "/generative_scoring"),
             ("POST", "/scale_elastic_ep")} <= {(m, p) for m, p, _ in routes}
@@ -256,6 +258,8 @@ def test_malformed_bodies_get_a_4xx_in_openai_shape_on_every_route(guarded, rout
                     assert _is_openai_error(response), (path, name, response.text[:300])
                 if name in MALFORMED:
                     assert status == (413 if name.startswith("over") else 400), (path, name, status)
+    print(f"malformed bodies: {sum(seen.values())} requests to {len(_post_paths(routes))} POST routes, "
+          f"statuses {dict(sorted(seen.items()))}")
     assert seen[400] > 200 and seen[413] == len(TABLE)
 
 
@@ -353,6 +357,7 @@ def test_load_is_shed_with_retry_after_and_a_reload_gets_through(guarded):
 
     answers, reloaded = asyncio.run(run())
     counts = Counter(answers)
+    print(f"load: {3 * limit} requests at once, limit {limit}: {dict(counts)}; reload {reloaded}")
     assert reloaded == 200
     assert counts[(200, None)] >= limit and counts[(429, "1")] >= limit, counts
     assert counts[(200, None)] + counts[(429, "1")] == 3 * limit, counts
@@ -422,6 +427,66 @@ def test_key_comparison_is_constant_time_over_every_key(monkeypatch):
         assert calls == [(32, 32)] * 3
 
 
+def test_client_splits_to_the_published_limits_and_honours_retry_after(guarded):
+    """The client reads ``GET /v1/limits`` and never sends a request over them (a chunk
+    size of 20 prompts becomes requests of at most 8 prompts and 16 sequences), refuses
+    an ``n`` no request may hold before sending, and waits out the server's 429s with
+    ``Retry-After`` without spending retries (``max_retries=0``)."""
+    from ead_client import AsyncEADClient, EADClient
+
+    prompts = [f"p{i}" for i in range(20)]
+    with EADClient(guarded.url, api_key=KEY, chunk_size=20, max_retries=0) as client:
+        batch = client.rollouts(prompts, n=2, max_tokens=4)
+        assert len(batch.rollouts) == 40 and client._effective_limits()["max_prompts_per_request"] == 8
+        with pytest.raises(ValueError, match="max_n=8"):
+            client.rollouts(["a"], n=9)
+    limit = LIMITS["max_concurrent_requests"]
+    log_429 = '"POST /v1/rollouts HTTP/1.1" 429'
+    shed_before = guarded.log.read_text(errors="replace").count(log_429)
+
+    async def while_saturated() -> int:
+        """Hold every slot with long streams, then make a call: it is shed until they end."""
+        async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=300) as http, \
+                AsyncEADClient(guarded.url, api_key=KEY, max_retries=0) as client:
+            running = [asyncio.Event() for _ in range(limit)]
+
+            async def hog(started: asyncio.Event) -> list[str]:
+                # n=8 x 300 tokens each: seconds of work, far longer than the call's first attempt takes.
+                body = {"model": "tiny", "prompt": "Hi", "n": 8, "max_tokens": 300, "ignore_eos": True, "stream": True}
+                lines = []
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        started.set()
+                        lines += [line] if line.startswith("data: ") else []
+                assert lines[-1] == "data: [DONE]" and len(lines) > 300, lines[-3:]
+                return lines
+
+            hogs = [asyncio.create_task(hog(e)) for e in running]
+            await asyncio.gather(*(e.wait() for e in running))
+            batch = await client.rollouts(["a", "b"], n=2, max_tokens=4)
+            await asyncio.gather(*hogs)
+            return len(batch.rollouts)
+
+    assert asyncio.run(while_saturated()) == 4
+    assert guarded.log.read_text(errors="replace").count(log_429) > shed_before  # it was shed, and still succeeded
+
+
+def test_retry_after_is_read_as_seconds_or_a_date():
+    from email.utils import format_datetime
+    from datetime import datetime, timedelta, timezone
+
+    from ead_client._base import MAX_RETRY_AFTER, _retry_after
+
+    def after(value: str | None) -> float | None:
+        return _retry_after(httpx.Response(429, headers={} if value is None else {"retry-after": value}))
+
+    assert after("3") == 3.0 and after("0") == 0.0 and after(None) is None and after("soon") is None
+    assert after("100000") == MAX_RETRY_AFTER and after("-5") == 0.0 and after("nan") is None
+    in_ten = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=10), usegmt=True)
+    assert 8.0 <= after(in_ten) <= 10.0
+
+
 def test_soak_with_reloads_loses_nothing(guarded, weights_root, tmp_path):
     """``ead-bench soak`` for about 60 s: mixed traffic, dropped streams, a reload every
     5 s alternating two checkpoints. Counts only: nothing lost, no 5xx, no answer that
@@ -436,13 +501,17 @@ def test_soak_with_reloads_loses_nothing(guarded, weights_root, tmp_path):
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
+    print("soak:", json.dumps({k: report[k] for k in ("duration_s", "served", "served_total", "errors", "lost",
+                                                     "shed_429", "deliberate_disconnects", "reloads", "logprob_drift",
+                                                     "latency_s", "rss_bytes_start", "rss_bytes_end")}))
     assert report["lost"] == 0 and report["errors_5xx"] == 0 and report["bad_answers"] == []
     assert report["mixed_versions"] == 0 and report["reload_errors"] == []
     assert report["reloads"] >= 4 + 4  # two probes before and two after, and the reloader's
     assert set(report["served"]) == {"completions", "chat", "chat_stream", "rollouts"}
     assert report["deliberate_disconnects"] > 0
     assert all(v <= 1e-5 for v in report["logprob_drift"].values()) and len(report["logprob_drift"]) == 2
-    assert report["rss_bytes_end"]["process_group"] > 0
+    assert report["rss_bytes_end"]["process_group"] > 0 and len(report["rss_trace"]) >= 2
+    assert report["engine_running_after"] == 0
 
 
 def test_keys_never_appear_in_the_log(guarded):

@@ -16,8 +16,10 @@ A request is *lost* when it gets neither an answer nor an error within
 ``--request-timeout`` (a timeout, or a connection closed without an answer), not counting
 the deliberate drops. A 429 is *shed* load: the request waits ``Retry-After`` and is sent
 again. The report (stdout, and ``--out`` as JSON) gives requests served, errors by status,
-lost, shed, p50/p99 latency per kind, and the server's memory at the start and the end.
-The exit code is 1 when anything was lost, answered 5xx, mixed versions or drifted.
+lost, shed, p50/p99 latency per kind, the server's memory (RSS) at the start, every 30 s
+and at the end, and how many requests the engine still runs once the traffic stops. The
+exit code is 1 when anything was lost, answered 5xx, failed its checks, mixed versions,
+drifted, or was left running in the engine.
 
 Keys come from the environment: ``$OPENAI_API_KEY`` (as ``ead-bench majority``) and
 ``$EAD_ADMIN_KEY`` for the reloads.
@@ -68,6 +70,8 @@ class SoakReport:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     rss_start: dict[str, int] = field(default_factory=dict)
     rss_end: dict[str, int] = field(default_factory=dict)
+    rss_trace: list[dict[str, float]] = field(default_factory=list)  # {"t": s, "api_server": B, ...} every 30 s
+    running_after: float | None = None  # vLLM's num_requests_running once the traffic stopped
 
     @property
     def errors_5xx(self) -> int:
@@ -82,6 +86,8 @@ class SoakReport:
             out.append(f"5xx answers: {dict(self.errors)}")
         if self.bad_answers:
             out.append(f"{len(self.bad_answers)} answers failed their checks, first: {self.bad_answers[0]}")
+        if self.running_after:
+            out.append(f"{self.running_after:.0f} requests still running in the engine after the traffic stopped")
         if self.mixed_versions:
             out.append(f"{self.mixed_versions} responses mixed weight versions in wait mode")
         if self.reload_errors:
@@ -109,7 +115,8 @@ class SoakReport:
             "logprob_drift": self.logprob_drift,
             "latency_s": {k: {"n": len(v), "p50": pct(v, 0.5), "p99": pct(v, 0.99)}
                           for k, v in sorted(self.latencies.items())},
-            "rss_bytes_start": self.rss_start, "rss_bytes_end": self.rss_end,
+            "rss_bytes_start": self.rss_start, "rss_bytes_end": self.rss_end, "rss_trace": self.rss_trace,
+            "engine_running_after": self.running_after,
         }
 
 
@@ -315,6 +322,24 @@ def _drift(a: dict[str, Any], b: dict[str, Any]) -> float:
     return worst
 
 
+def _running(root: str, headers: dict[str, str], wait: float = 30.0) -> float | None:
+    """vLLM's ``num_requests_running`` once it settles at 0 (or after ``wait`` s): dropped
+    streams and finished requests must leave nothing running in the engine."""
+    deadline = time.monotonic() + wait
+    value: float | None = None
+    while True:
+        try:
+            text = httpx.get(f"{root}/metrics", headers=headers, timeout=30).text
+            values = [float(line.split()[-1]) for line in text.splitlines()
+                      if line.startswith("vllm:num_requests_running")]
+            value = sum(values) if values else None
+        except (httpx.HTTPError, ValueError):
+            value = None
+        if not value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.5)
+
+
 def _rss(root: str, headers: dict[str, str], pid: int | None) -> dict[str, int]:
     """The API server's resident memory from its /metrics, and, given the server's process
     group on this host, the whole group's (engine processes included)."""
@@ -385,8 +410,15 @@ async def soak(
                 await s.reload(checkpoints[k % 2])
                 k += 1
 
-        await asyncio.gather(reloader(), *(worker(w) for w in range(concurrency)))
+        async def memory() -> None:
+            while time.monotonic() < deadline:
+                sample = await asyncio.to_thread(_rss, root, headers, server_pid)
+                report.rss_trace.append({"t": round(time.monotonic() - start, 1), **sample})
+                await asyncio.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
+
+        await asyncio.gather(reloader(), memory(), *(worker(w) for w in range(concurrency)))
         report.duration_s = time.monotonic() - start
+        report.running_after = await asyncio.to_thread(_running, root, headers)
         for path in checkpoints or []:
             await s.reload(path)
             report.logprob_drift[path] = _drift(before[path], await s.probe())
