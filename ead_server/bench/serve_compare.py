@@ -157,6 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--temperature", type=float, default=0.8, help="the fixed temperature of the unscheduled "
                                                                      "requests")
     load.add_argument("--stream", action="store_true", help="stream the completion requests (SSE)")
+    load.add_argument("--logprobs", type=int, default=None, metavar="N",
+                      help="ask the completion requests for N top log-probs (default: none)")
     load.add_argument("--cases", nargs="+", default=[c.name for c in CASES], choices=[c.name for c in CASES],
                       metavar="CASE", help="subset of: " + ", ".join(repr(c.name) for c in CASES))
     rounds = parser.add_argument_group("rounds")
@@ -262,6 +264,8 @@ def _request(case: Case, args: argparse.Namespace, model: str, i: int, max_token
         body.update({"temperature": 1.0, SCHEDULE_KEY: EAD_SCHEDULE})
     else:
         body["temperature"] = args.temperature
+    if args.logprobs is not None:
+        body["logprobs"] = args.logprobs
     if args.stream:
         body.update({"stream": True, "stream_options": {"include_usage": True}})
     return "/v1/completions", body
@@ -480,6 +484,7 @@ def run(args: argparse.Namespace) -> int:
                      for s in servers},
         "stock_processor": args.stock_processor,
         "concurrency": args.concurrency, "max_tokens": args.max_tokens, "stream": args.stream,
+        "logprobs": args.logprobs,
         "temperature": args.temperature, "ead_schedule": EAD_SCHEDULE, "rounds": [],
     }
     with tempfile.TemporaryDirectory(prefix="ead-serve-compare-") as tmp:
