@@ -2,7 +2,8 @@
 
 Every sampled step in vLLM already pays ``logits.div_(temp.unsqueeze(1))``; EAD replaces
 that op, so the number that matters is its cost relative to that baseline, measured in
-one run on one machine. Columns, each a median in microseconds and its ratio to (a):
+one run on one machine. Columns, each a median in microseconds and its ratio to (a) (the
+median of the ratios of calls made in one pass, which a shared machine's load hits alike):
 
 (a) ``base``: the baseline division;
 (b) ``torch``: our PyTorch path on the V1 runner's row layout (schedule in float64
@@ -120,8 +121,9 @@ def _time_ms(op: Op, work: torch.Tensor, source: torch.Tensor) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _median_ms(ops: dict[str, Op], source: torch.Tensor, warmup: int, repeats: int) -> dict[str, float]:
-    """Median per op, calling the ops in turn so that noise from a shared machine hits all alike."""
+def _timings_ms(ops: dict[str, Op], source: torch.Tensor, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """``repeats`` times per op, calling the ops in turn so that noise from a shared
+    machine hits all alike: the ``i``-th times of all ops come from one pass."""
     work = source.clone()
     times: dict[str, list[float]] = {name: [] for name in ops}
     for i in range(warmup + repeats):
@@ -129,7 +131,18 @@ def _median_ms(ops: dict[str, Op], source: torch.Tensor, warmup: int, repeats: i
             elapsed = _time_ms(op, work, source)
             if i >= warmup:
                 times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def _median_ms(ops: dict[str, Op], source: torch.Tensor, warmup: int, repeats: int) -> dict[str, float]:
+    """Median per op (see :func:`_timings_ms`)."""
+    return {name: statistics.median(values) for name, values in _timings_ms(ops, source, warmup, repeats).items()}
+
+
+def _paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median of the per-pass ratios: on a shared machine the ops of one pass see the same
+    load, so their ratio is steadier than the ratio of two medians."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def run(
@@ -155,7 +168,11 @@ def run(
                 ops["triton"] = lambda x: apply_schedule_triton_(x, positions, kinds, params)
                 ops["copy"] = lambda x: copy_target.copy_(x)
             row: dict[str, float | int | None] = {"batch": batch, "vocab": vocab, "triton": None, "copy": None}
-            row.update(_median_ms(ops, logits, warmup, repeats))
+            times = _timings_ms(ops, logits, warmup, repeats)
+            row.update({name: statistics.median(values) for name, values in times.items()})
+            ours = times["triton" if use_triton else "torch"]
+            row.update({f"{name}/base": _paired_ratio(values, times["baseline"]) for name, values in times.items()})
+            row["naive/ours"] = _paired_ratio(times["naive"], ours)
             # The statistics in a loop of their own: on a CPU their large temporaries
             # (page faults, evicted caches) would slow whichever op ran next. The step the
             # processor takes is timed beside them, and the difference is their cost.
@@ -215,9 +232,10 @@ COLUMNS = ("torch", "slots", "triton", "naive")
 
 
 def format_table(results: list[dict[str, float | int | None]]) -> str:
-    """Medians in microseconds, each path's ratio to the baseline, how many times faster
-    our step is than the naive processor, the in-pass statistics' own cost, and on a GPU
-    the Triton kernel's bandwidth as a share of a copy of the same bytes."""
+    """Medians in microseconds, each path's ratio to the baseline and how many times faster
+    our step is than the naive processor (medians of per-pass ratios), the in-pass
+    statistics' own cost, and on a GPU the Triton kernel's bandwidth as a share of a copy
+    of the same bytes."""
     header = f"{'vocab':>7} {'batch':>5} | {'base us':>9} | " + " | ".join(
         f"{name + ' us':>10} {'x base':>7}" for name in COLUMNS) + \
         f" | {'naive/ours':>10} | {'stats us':>9} {'x base':>7} | {'% copy bw':>9}"
@@ -227,11 +245,9 @@ def format_table(results: list[dict[str, float | int | None]]) -> str:
         cells = [f"{r['vocab']:>7} {r['batch']:>5} | {base * 1e3:>9.1f}"]
         for name in COLUMNS:
             value = r[name]
-            cells.append(
-                f"{'-':>10} {'-':>7}" if value is None else f"{float(value) * 1e3:>10.1f} {float(value) / base:>7.2f}"
-            )
-        ours = float(r["triton"] if r["triton"] is not None else r["torch"])  # type: ignore[arg-type]
-        cells.append(f"{float(r['naive']) / ours:>10.2f}")  # type: ignore[arg-type]
+            cells.append(f"{'-':>10} {'-':>7}" if value is None else
+                         f"{float(value) * 1e3:>10.1f} {float(r[name + '/base']):>7.2f}")  # type: ignore[arg-type]
+        cells.append(f"{float(r['naive/ours']):>10.2f}")  # type: ignore[arg-type]
         stats = float(r["stats"])  # type: ignore[arg-type]
         cells.append(f"{stats * 1e3:>9.1f} {stats / base:>7.2f}")
         share = None if r["copy"] is None or r["triton"] is None else 100 * float(r["copy"]) / float(r["triton"])
