@@ -26,7 +26,7 @@ One step ``k`` (1-based; the trainer's global step is ``k - 1``), function by fu
    ``client.reload_weights(...)``; every server must report version ``v0 + k``.
    :func:`step_record` is the step's line of the ``--log`` file.
 
-``--async`` (one-step off-policy, as AReaL, prime-rl and TRL's async GRPO run): the
+``--async`` (one step off-policy; AReaL, prime-rl and TRL's async GRPO allow more): the
 rollouts of step ``k + 1`` are requested, on a background thread, as soon as those of step
 ``k`` are in, so generation overlaps the grading and training of step ``k``. Its reload
 uses ``mode="keep"``: requests still generating are frozen, the weights are swapped, and
@@ -50,13 +50,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import os
 import shutil
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
