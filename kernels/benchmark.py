@@ -186,7 +186,9 @@ def run(
     return results
 
 
-def breakdown(batch_sizes: list[int], vocab_sizes: list[int], warmup: int, repeats: int) -> list[dict[str, float | int]]:
+def breakdown(
+    batch_sizes: list[int], vocab_sizes: list[int], warmup: int, repeats: int
+) -> list[dict[str, float | int]]:
     """Where the PyTorch step's time goes on a CPU (``--breakdown``): the schedule alone,
     as twenty torch ops (the device path, which the CPU took before numpy did it) and as
     it runs now, warm (called in a loop), and right after the logits were written (as in the table

@@ -216,7 +216,8 @@ def apply_schedule_torch_(
         t, kinds_np, params_np = positions.numpy(), kinds.numpy(), params.numpy()
         if slots is not None:
             index = slots.numpy()
-            t = np.maximum(t.astype(np.int64) + 1 - prompt_len.numpy().astype(np.int64)[index], 0)  # type: ignore[union-attr]
+            starts = prompt_len.numpy().astype(np.int64)[index]  # type: ignore[union-attr]
+            t = np.maximum(t.astype(np.int64) + 1 - starts, 0)
             kinds_np, params_np = kinds_np[index], params_np[index]
         temps = torch.from_numpy(_host_temperatures(t, kinds_np, params_np).astype(np.float32))
     else:
