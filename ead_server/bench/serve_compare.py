@@ -522,6 +522,10 @@ def run(args: argparse.Namespace) -> int:
         except (LaunchError, RuntimeError, httpx.HTTPError) as exc:
             print(f"ead-bench serve-compare: error: {exc!r}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (ead-bench's handler): the server is stopped by now
+            print(f"ead-bench serve-compare: interrupted; the finished rounds are in {args.out / 'results.json'}",
+                  file=sys.stderr)
+            return 130
     loads = [x for rd in record["rounds"] for x in (rd["load_average_before"][0], rd["load_average_after"][0])]
     print(f"\n{name}: {len(rounds)} round(s), concurrency {args.concurrency}, {args.max_tokens} tokens per request"
           f"{', streamed' if args.stream else ''}; stock processor {args.stock_processor}; 1-min load average "
