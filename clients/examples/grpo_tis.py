@@ -572,8 +572,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         grader = stack.enter_context(GradingPool(timeout=args.grading_timeout))
         grader.map([("1", "1")])  # starts the worker processes now rather than inside step 1
         log_file = stack.enter_context(args.log.open("w")) if args.log else None
-        # --async: the next step's rollouts generate on this thread while a step trains.
-        background = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts"))
+        # --async: the next step's rollouts generate on this thread while a step trains. On
+        # an error or Ctrl-C the loop does not wait for them (closing the client ends them).
+        background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+        stack.callback(background.shutdown, wait=False, cancel_futures=True)
         mode = "keep" if args.async_ else "wait"
 
         def step_problems(global_step: int) -> list[Problem]:
