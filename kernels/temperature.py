@@ -32,8 +32,8 @@ The PyTorch path is the CPU path and the test oracle. The Triton path fuses the 
 into the rescale: one launch, no host work per step and no per-row temperature tensor,
 where the PyTorch path needs about twenty tiny ops (launches, on a GPU) to build them.
 On CPU tensors the PyTorch path builds them with numpy instead (the same IEEE ops and
-torch's own ``exp``, so the same bits), which dispatches about three times faster than
-torch does on batch-sized vectors (docs/performance.md).
+torch's own ``exp``, so the same bits), whose calls on batch-sized vectors cost less
+than torch's dispatch (docs/performance.md).
 Triton is imported only when the Triton path is first used, so ``import ead_kernels``
 needs torch alone, and ``TRITON_INTERPRET`` only has to be set before that first use.
 """
@@ -175,8 +175,9 @@ def _host_temperatures(positions: np.ndarray, kinds: np.ndarray, params: np.ndar
 
     Why: on a CPU each torch op on a batch-sized vector costs a few microseconds of
     dispatch (more right after the model's forward has evicted the caches), and the
-    twenty of the device path made the step 1.2-1.8x a bare division at batch 64; numpy
-    does the same vector ops in about a third of the time. Why it is bit-identical:
+    twenty of the device path are most of the step's fixed cost; numpy's calls cost
+    less (the schedule: about 35 instead of 50 us warm, ``python -m ead_kernels.benchmark
+    --breakdown``). Why it is bit-identical:
     every op but ``exp`` (float64 ``+ - /``, min/max, compares, selects) is exact IEEE
     arithmetic in both libraries, and ``exp`` is still torch's, on a contiguous float64
     vector as in the device path.
