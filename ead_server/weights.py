@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ead_server.app_state import AppState, get_state, require_admin
@@ -180,6 +180,21 @@ async def update_weight_version(body: _UpdateWeightVersion, state: AppState = De
     current version, so a label can never make two different weights look the same."""
     await vllm_engine.set_weight_version(state.engine, state.gate.relabel(body.new_version))
     return {"success": True, "new_version": body.new_version, "weight_version": state.gate.tag}
+
+
+class _WeightChecker(BaseModel):
+    action: Literal["checksum", "reset", "compare"]
+    baseline: dict[str, str] | None = None
+
+
+@admin.post("/weight_checker")
+async def weight_checker(body: _WeightChecker, request: Request) -> Any:
+    """vLLM's weight checksums, except ``reset``: it zeroes every weight in place, which
+    would serve garbage under the current version with the old KV cached. Refused."""
+    if body.action == "reset":
+        raise APIError(400, "action 'reset' zeroes the serving weights; load weights with /v1/weights/reload "
+                            "or vLLM's weight transfer instead", "action")
+    return await vllm_engine.rl_weight_checker()(request, action=body.action, baseline=body.baseline)
 
 
 @admin.post("/reset_prefix_cache")

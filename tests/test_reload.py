@@ -227,6 +227,12 @@ class TestUntied:
         assert finish.status_code == 409 and "error" in finish.json()
         assert httpx.get(f"{server.url}/v1/weights").json()["weight_version"] == version + 1
         assert httpx.post(f"{server.url}/reset_prefix_cache", headers=AUTH).status_code == 200
+        # vLLM's weight checker: checksums pass through; "reset" (zeroes the weights) is refused.
+        reset = httpx.post(f"{server.url}/weight_checker", json={"action": "reset"}, headers=AUTH)
+        assert reset.status_code == 400 and reset.json()["error"]["param"] == "action"
+        sums = httpx.post(f"{server.url}/weight_checker", json={"action": "checksum"}, headers=AUTH, timeout=120)
+        assert sums.status_code == 200 and sums.json()["checksums"], sums.text
+        _assert_matches(base / "base", _rollout(server.url, seed=21))  # still serving the real weights
 
 
 def _serving(server):

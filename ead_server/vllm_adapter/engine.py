@@ -19,7 +19,7 @@ from ead_server.vllm_adapter import targets
 from ead_server.weight_gate import parse_tag
 
 __all__ = ["LOGPROBS_MODE", "ask_in_pass_targets", "completion_logprobs", "completion_targets", "context_length", "finish_transfer", "generate", "load_weights",
-           "pause", "EngineCall", "recording_calls", "reset_cache", "resume", "rl_router", "rollout_params", "sample_targets", "schedule_extra_args", "set_weight_version",
+           "pause", "EngineCall", "recording_calls", "reset_cache", "resume", "rl_router", "rl_weight_checker", "rollout_params", "sample_targets", "schedule_extra_args", "set_weight_version",
            "tap_engine_calls", "target_logprobs", "version_spans", "vllm_version"]
 
 LOGPROBS_MODE = "processed_logprobs"
@@ -181,6 +181,13 @@ def rl_router() -> Any:
     from vllm.entrypoints.rl.online.api_router import router
 
     return router
+
+
+def rl_weight_checker() -> Any:
+    """vLLM's ``/weight_checker`` handler, for ours to call for the actions it allows."""
+    from vllm.entrypoints.rl.online.api_router import weight_checker
+
+    return weight_checker
 
 
 async def load_weights(engine: Any, path: str) -> None:
