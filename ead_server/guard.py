@@ -34,7 +34,7 @@ from typing import Any
 from ead_server.errors import APIError
 from ead_server.limits import Limits, check_request
 
-__all__ = ["PUBLIC_ROUTES", "Guard", "api_keys_from_args", "parsed_body"]
+__all__ = ["PUBLIC_ROUTES", "Guard", "api_keys_from_args", "parsed_body", "replay_body"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -103,7 +103,7 @@ class Guard:
                 return
             except _Disconnected:
                 return
-            receive = _replay(body, receive)
+            receive = replay_body(body, receive)
         if method not in _BODY_METHODS or (method, path) in PUBLIC_ROUTES or path in self._never_shed(scope):
             await self.app(scope, receive, send)  # reads (GET) are cheap, probes and weight changes must get through
             return
@@ -227,8 +227,9 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that yields the body once, then listens for disconnects."""
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields ``body`` once, then listens for disconnects: how a
+    middleware that has read (or rewritten) a body hands it on."""
     sent = False
 
     async def replay() -> Message:

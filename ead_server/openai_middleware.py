@@ -32,7 +32,7 @@ from prometheus_client import Counter
 
 from ead_server.chat_messages import check_conversation
 from ead_server.errors import APIError
-from ead_server.guard import parsed_body
+from ead_server.guard import parsed_body, replay_body
 from ead_server.request_policy import NEUTRAL_SAMPLING, SCHEDULE_KEY, PolicyError, check_temperature, resolve_schedule
 from ead_server.schedule import ResolvedSchedule
 from ead_server.vllm_adapter import engine as vllm_engine
@@ -248,7 +248,7 @@ class ScheduleMiddleware:
             except (ValueError, RecursionError):
                 payload = None
         if not isinstance(payload, dict):  # vLLM answers malformed bodies itself
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_body(body, receive), send)
             return
         endpoint = ROUTES.get(path)
         if endpoint == "invocations":
@@ -265,7 +265,7 @@ class ScheduleMiddleware:
             await _send_json(send, exc.status, exc.encode())
             return
         if endpoint is None:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_body(body, receive), send)
             return
         REQUESTS.labels(endpoint, schedule.type if schedule else "none").inc()
         body = json.dumps(payload).encode()
@@ -277,7 +277,7 @@ class ScheduleMiddleware:
                 decorate = _Decorator(endpoint, schedule, version, n, calls)
                 engine = scope["app"].state.ead.engine
                 finish = partial(decorate.add_targets, engine=engine, hide_ids=hide_ids) if wants_targets else None
-                await self.app(scope, _replay(body, receive), _decorating_send(send, decorate, finish))
+                await self.app(scope, replay_body(body, receive), _decorating_send(send, decorate, finish))
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -287,20 +287,6 @@ async def _read_body(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that yields the (rewritten) body once, then listens for disconnects."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 async def _send_json(send: Send, status: int, body: bytes) -> None:
