@@ -45,6 +45,7 @@ def attach(app: FastAPI) -> None:
     so the wrapped ``/finish_weight_update`` and ``/update_weight_version`` answer.
     """
     app.include_router(vllm_engine.rl_router(), dependencies=[Depends(require_admin)])
+    app.include_router(vllm_engine.server_info_router(), dependencies=[Depends(require_admin)])
     app.include_router(router)
     app.include_router(admin)
 

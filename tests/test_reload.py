@@ -203,6 +203,9 @@ class TestUntied:
         assert escape.status_code == 403
         # vLLM's RL routes, behind the admin key, as its own clients call them.
         assert httpx.post(f"{server.url}/pause", params={"mode": "keep"}).status_code == 401
+        assert httpx.get(f"{server.url}/server_info").status_code == 401  # TRL reads it before a weight sync
+        info = httpx.get(f"{server.url}/server_info", params={"config_format": "json"}, headers=AUTH, timeout=120)
+        assert info.status_code == 200 and "vllm_config" in info.json(), info.text
         assert httpx.post(f"{server.url}/pause", params={"mode": "keep"}, headers=AUTH).status_code == 200
         assert httpx.get(f"{server.url}/is_paused", headers=AUTH).json() == {"is_paused": True}
         assert httpx.post(f"{server.url}/resume", headers=AUTH).status_code == 200

@@ -19,7 +19,7 @@ from ead_server.vllm_adapter import targets
 from ead_server.weight_gate import parse_tag
 
 __all__ = ["LOGPROBS_MODE", "ask_in_pass_targets", "completion_logprobs", "completion_targets", "context_length", "finish_transfer", "generate", "load_weights",
-           "pause", "EngineCall", "recording_calls", "reset_cache", "resume", "rl_router", "rl_weight_checker", "rollout_params", "sample_targets", "schedule_extra_args", "set_weight_version",
+           "pause", "EngineCall", "recording_calls", "reset_cache", "resume", "rl_router", "rl_weight_checker", "server_info_router", "rollout_params", "sample_targets", "schedule_extra_args", "set_weight_version",
            "tap_engine_calls", "target_logprobs", "version_spans", "vllm_version"]
 
 LOGPROBS_MODE = "processed_logprobs"
@@ -179,6 +179,14 @@ def rl_router() -> Any:
     that bypass ``--api-key``; this is the router alone.
     """
     from vllm.entrypoints.rl.online.api_router import router
+
+    return router
+
+
+def server_info_router() -> Any:
+    """vLLM's ``GET /server_info`` (a dev-mode route), which TRL's weight sync reads first
+    (``VLLMClient.init_communicator``); to mount behind our admin key."""
+    from vllm.entrypoints.serve.dev.server_info.api_router import router
 
     return router
 
