@@ -180,7 +180,12 @@ class TestUntied:
         assert reload.status_code == 200 and reload.json()["weight_version"] == version + 1
         assert stream["finish_reason"] == "abort"
         assert 6 <= len(stream["token_ids"]) < 1000
-        assert all(r["finish_reason"] == "abort" for result in rollouts for r in result["rollouts"])
+        # A rollout the engine had taken ends now, with old tokens only; one still on its way
+        # to the engine at the swap runs whole on the new weights. None mixes the two.
+        for r in (r for result in rollouts for r in result["rollouts"]):
+            versions = [s["version"] for s in r["weight_versions"] or []]
+            allowed = (("abort", [version]), ("abort", []), ("length", [version + 1]))
+            assert (r["finish_reason"], versions) in allowed, (r["finish_reason"], versions)
         assert [s["version"] for s in stream["weight_versions"]] == [version]
         after = _rollout(server.url, seed=11)
         assert after["weight_version"] == version + 1
