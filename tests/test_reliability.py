@@ -451,8 +451,9 @@ def test_client_splits_to_the_published_limits_and_honours_retry_after(guarded):
             running = [asyncio.Event() for _ in range(limit)]
 
             async def hog(started: asyncio.Event) -> list[str]:
-                # n=8 x 300 tokens each: seconds of work, far longer than the call's first attempt takes.
-                body = {"model": "tiny", "prompt": "Hi", "n": 8, "max_tokens": 300, "ignore_eos": True, "stream": True}
+                # n=8 x 480 tokens each: seconds of work, far longer than the call's first attempt
+                # takes, also when a loaded machine starts the hogs far apart (300 was not, in one run).
+                body = {"model": "tiny", "prompt": "Hi", "n": 8, "max_tokens": 480, "ignore_eos": True, "stream": True}
                 lines = []
                 async with http.stream("POST", "/v1/completions", json=body) as response:
                     assert response.status_code == 200
