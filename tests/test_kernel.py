@@ -417,3 +417,12 @@ def test_the_gpu_check_correctness_pass_runs_here_under_the_interpreter() -> Non
     assert len(cases) == 12 and all(c["ok"] for c in cases), [c for c in cases if not c["ok"]]
     assert all(c["none_rows_identical"] for c in cases)
     assert sum(c["bit_identical"] for c in cases) == sum(c["elements"] for c in cases)  # the interpreter is exact
+
+
+def test_host_and_device_schedule_paths_give_the_same_bits() -> None:
+    """CPU tensors take the numpy path, others the torch-op path (the GPU fallback without
+    Triton): both must give the same float64 temperatures, bit for bit."""
+    positions, kinds, params = make_rows(11, 2000, device=torch.device("cpu"))
+    host = torch.from_numpy(T._host_temperatures(positions.numpy(), kinds.numpy(), params.numpy()))
+    device = T._device_temperatures(positions, kinds, params)
+    assert torch.equal(host.view(torch.int64), device.view(torch.int64))
