@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from safetensors import safe_open
 
 from ead_server.schedule import parse_schedule
 from oracle import behaviour_logprobs, completion_logits
@@ -69,6 +70,14 @@ def root(tmp_path_factory):
     shutil.copytree(base / "b", base / "wide")
     config = (base / "wide" / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3')
     (base / "wide" / "config.json").write_text(config)
+    # A sharded save still being written: the index names a second shard not there yet. Our
+    # checks read the safetensors headers and the config; only vLLM's loader reads the index,
+    # so this one fails inside the engine (the restore path).
+    shutil.copytree(base / "b", base / "incomplete")
+    with safe_open(str(base / "b" / "model.safetensors"), "pt") as f:
+        names = sorted(f.keys())
+    weight_map = {name: "model.safetensors" for name in names} | {names[0]: "model-00002-of-00002.safetensors"}
+    (base / "incomplete" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     outside = tmp_path_factory.mktemp("outside")
     write_tiny_llama(outside / "model", seed=9)
     os.symlink(outside / "model", base / "escape")
@@ -243,6 +252,34 @@ class TestUntied:
         _assert_matches(base / "base", _rollout(server.url, seed=21))  # still serving the real weights
 
 
+    def test_reload_failing_inside_the_engine_restores_the_old_weights(self, server, root):
+        """In every mode: a 500 naming the failure, the old weights and version serving again
+        (exact), and under ``keep`` the frozen requests go on, on the old weights only."""
+        base = root[0]
+        before = httpx.get(f"{server.url}/v1/weights").json()
+        old, version = _serving(server), before["weight_version"]
+        for mode in ("wait", "abort"):
+            reply = httpx.post(f"{server.url}/v1/weights/reload", json={"path": "incomplete", "mode": mode},
+                               headers=AUTH, timeout=300)
+            assert reply.status_code == 500, reply.text
+            assert "missing" in reply.json()["error"]["message"] and "serving again" in reply.json()["error"]["message"]
+            assert httpx.get(f"{server.url}/v1/weights").json() == before
+        stream, rollouts, reload = asyncio.run(_reload_during_traffic(server, "incomplete", "keep", after_tokens=8,
+                                                                      rollouts=2))
+        assert reload.status_code == 500, reload.text
+        assert stream["finish_reason"] == "length" and len(stream["token_ids"]) == 1000
+        assert stream["weight_versions"] == [{"version": version, "start": 0, "end": 1000}]
+        _assert_spans_exact({version: old}, stream["prompt_token_ids"], stream["token_ids"], stream["logprobs"],
+                            stream["weight_versions"])
+        for r in (r for result in rollouts for r in result["rollouts"]):
+            assert r["finish_reason"] == "length" and [s["version"] for s in r["weight_versions"]] == [version]
+        r = rollouts[0]["rollouts"][0]
+        _assert_spans_exact({version: old}, r["prompt_token_ids"], r["token_ids"], r["behavior_logprobs"],
+                            r["weight_versions"], r["temperatures"])
+        assert httpx.get(f"{server.url}/v1/weights").json() == before
+        _assert_matches(old, _rollout(server.url, seed=31))
+
+
 def _serving(server):
     return Path(httpx.get(f"{server.url}/v1/weights").json()["path"])
 
@@ -300,8 +337,6 @@ class TestTied:
             yield srv
 
     def test_tied_checkpoint_without_lm_head_reloads_exactly(self, server, root):
-        from safetensors import safe_open
-
         base = root[0]
         with safe_open(str(base / "tied-b" / "model.safetensors"), "pt") as f:
             assert "lm_head.weight" not in f.keys()  # as transformers saves tied models
