@@ -55,6 +55,7 @@ from .temperature import (
     schedule_temperatures,
     triton_available,
 )
+from .target_stats import scaled_with_lse
 
 Op = Callable[[torch.Tensor], object]
 
@@ -99,12 +100,8 @@ def naive_processor(logits: torch.Tensor, positions: list[int]) -> torch.Tensor:
 
 def with_target_stats(logits: torch.Tensor, step: Callable[[torch.Tensor], object]) -> torch.Tensor:
     """``step`` (in place) between the two log-sum-exps of the in-pass target log-probs, for
-    every row: the processor's ``_scaled_with_targets`` with all rows asking (it needs vLLM,
-    this module only torch)."""
-    index = torch.arange(logits.shape[0], device=logits.device)
-    raw = torch.logsumexp(logits.index_select(0, index).float(), -1)
-    step(logits)
-    return torch.stack([raw, torch.logsumexp(logits.index_select(0, index).float(), -1)], 1)
+    every row, as the processor runs it when every request asks for them."""
+    return scaled_with_lse(logits, range(logits.shape[0]), step)
 
 
 def _time_ms(op: Op, work: torch.Tensor, source: torch.Tensor) -> float:

@@ -426,3 +426,27 @@ def test_host_and_device_schedule_paths_give_the_same_bits() -> None:
     host = torch.from_numpy(T._host_temperatures(positions.numpy(), kinds.numpy(), params.numpy()))
     device = T._device_temperatures(positions, kinds, params)
     assert torch.equal(host.view(torch.int64), device.view(torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5, 19])
+def test_in_pass_lse_equals_logsumexp(dtype, batch) -> None:
+    """The blockwise ``lse`` of the in-pass target statistics is ``torch.logsumexp`` over the
+    chosen rows in fp32, bit for bit, rows of ``-inf`` included; ``scaled_with_lse`` takes
+    one before the step and one after it."""
+    from ead_kernels.target_stats import CPU_BLOCK_ROWS, lse_rows, scaled_with_lse
+
+    assert batch < CPU_BLOCK_ROWS or batch > 2 * CPU_BLOCK_ROWS  # one block, and a ragged last one
+    gen = torch.Generator().manual_seed(batch)
+    logits = (torch.randn(batch, 3001, generator=gen) * 4).to(dtype)
+    logits[0, ::7] = -math.inf
+    if batch > 1:
+        logits[-1] = -math.inf
+    rows = sorted(random.Random(batch).sample(range(batch), max(1, batch - 2)) + [batch - 1])
+    want = torch.logsumexp(logits[rows].float(), -1)
+    assert torch.equal(lse_rows(logits, torch.tensor(rows)), want)
+    temps = torch.rand(batch, 1, generator=gen).to(dtype) + 0.3
+    stats = scaled_with_lse(logits, rows, lambda x: x.div_(temps))
+    assert torch.equal(stats[:, 0], want)
+    assert torch.equal(stats[:, 1], torch.logsumexp(logits[rows].float(), -1))
+    assert lse_rows(logits, torch.tensor([], dtype=torch.long)).shape == (0,)

@@ -40,6 +40,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, 
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from ead_kernels import KIND_NONE, KINDS, NUM_PARAMS, PARAM_COLUMNS, apply_schedule_, apply_schedule_slots_
+from ead_kernels.target_stats import scaled_with_lse
 from ead_server.request_policy import SCHEDULE_KEY, PolicyError, check_temperature, resolve_schedule
 from ead_server.schedule import ResolvedSchedule
 from ead_server.vllm_adapter.targets import STORE, TARGET_KEY, eligible
@@ -69,15 +70,6 @@ def _target_id(params: SamplingParams, schedule: ResolvedSchedule | None) -> str
     the formula is exact for it (``ead_server.vllm_adapter.targets``)."""
     target = (params.extra_args or {}).get(TARGET_KEY)
     return str(target) if target is not None and schedule is not None and eligible(params) else None
-
-
-def _scaled_with_targets(logits: torch.Tensor, rows: list[int], scale: Any) -> torch.Tensor:
-    """Run ``scale(logits)`` (in place) and return ``[len(rows), 2]``: ``lse(h)`` before and
-    ``lse(h / tau)`` after, for ``rows`` -- all on the logits' device, nothing synced."""
-    index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
-    raw = torch.logsumexp(logits.index_select(0, index).float(), -1)
-    scale(logits)
-    return torch.stack([raw, torch.logsumexp(logits.index_select(0, index).float(), -1)], 1)
 
 
 def _kernel_row(schedule: ResolvedSchedule) -> tuple[int, list[float]]:
@@ -166,7 +158,7 @@ class _SlotState:
                     rows.append(row), ids.append(self.targets[slot]), positions.append(t)
         if not rows:
             return scale(logits)
-        STORE.record(ids, positions, _scaled_with_targets(logits, rows, scale))
+        STORE.record(ids, positions, scaled_with_lse(logits, rows, scale))
         return logits
 
 
@@ -245,7 +237,7 @@ class _RowState:
         if not rows:
             return scale(logits)
         STORE.record([self.targets[r] for r in rows], [int(self.positions_np[r]) for r in rows],
-                     _scaled_with_targets(logits, rows, scale))
+                     scaled_with_lse(logits, rows, scale))
         return logits
 
 
