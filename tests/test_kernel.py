@@ -432,13 +432,15 @@ def test_host_and_device_schedule_paths_give_the_same_bits() -> None:
 @pytest.mark.parametrize("batch", [1, 5, 19])
 def test_in_pass_lse_equals_logsumexp(dtype, batch) -> None:
     """The blockwise ``lse`` of the in-pass target statistics is ``torch.logsumexp`` over the
-    chosen rows in fp32, bit for bit, rows of ``-inf`` included; ``scaled_with_lse`` takes
+    chosen rows in fp32, bit for bit, rows of ``-inf`` and terms below fp32's normal range
+    included; ``scaled_with_lse`` takes
     one before the step and one after it."""
     from ead_kernels.target_stats import CPU_BLOCK_ROWS, lse_rows, scaled_with_lse
 
     assert batch < CPU_BLOCK_ROWS or batch > 2 * CPU_BLOCK_ROWS  # one block, and a ragged last one
     gen = torch.Generator().manual_seed(batch)
     logits = (torch.randn(batch, 3001, generator=gen) * 4).to(dtype)
+    logits[:, :50] -= 200.0  # a span past the fp32 exp's subnormal range
     logits[0, ::7] = -math.inf
     if batch > 1:
         logits[-1] = -math.inf
