@@ -118,3 +118,27 @@ def test_in_pass_target_numbers_are_recorded_on_the_device_and_collected_once():
     time.sleep(0.3)  # "x"'s client went away: nobody collects it
     store.record(["y"], [0], torch.zeros(1, 2))  # recording sweeps what outlived the TTL
     assert store.collect(["x", "y"]) == {"x": {}, "y": {0: (0.0, 0.0)}}
+
+
+def test_target_store_collects_by_id_and_frees_every_step():
+    """Collections in any order give each id its own positions (a re-sampled position: the
+    later step), and leave nothing behind; an expired step leaves no entry either."""
+    from ead_server.vllm_adapter import targets
+
+    store = targets.TargetStore(ttl_s=600)
+    store.record(["a", "b"], [0, 0], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    store.record(["a", "b", "c"], [1, 1, 0], torch.tensor([[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]))
+    store.record(["c", "a"], [1, 1], torch.tensor([[11.0, 12.0], [13.0, 14.0]]))  # a preempted, sampled again
+    assert len(store) == 7
+    assert store.collect(["a"]) == {"a": {0: (1.0, 2.0), 1: (13.0, 14.0)}}
+    assert len(store) == 4 and len(store._steps) == 3  # the first step still holds b
+    assert store.collect(["c", "b", "zz"]) == {"c": {0: (9.0, 10.0), 1: (11.0, 12.0)}, "b": {0: (3.0, 4.0),
+                                                                                        1: (7.0, 8.0)}, "zz": {}}
+    assert len(store) == 0 and not store._steps and not store._rows
+    old = targets.TargetStore(ttl_s=0.2)
+    old.record(["x", "y"], [0, 0], torch.zeros(2, 2))
+    old.record(["x"], [1], torch.ones(1, 2))
+    assert old.collect(["y"]) == {"y": {0: (0.0, 0.0)}}
+    time.sleep(0.3)
+    old.record(["z"], [0], torch.zeros(1, 2))  # x's two steps outlived the TTL
+    assert len(old) == 1 and len(old._steps) == 1 and set(old._rows) == {"z"}
