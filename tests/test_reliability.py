@@ -73,8 +73,9 @@ PUBLIC = {("GET", p) for p in ("/health", "/ping", "/version", "/metrics", "/loa
 
 def _server_args(root) -> list[str]:
     flags = [x for name, value in LIMITS.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    # The admin key is not among the API keys: alone, it must open the admin routes (and the rest).
     return ["--model", str(root / "a"), "--served-model-name", "tiny", "--max-model-len", "512",
-            "--weights-root", str(root), "--admin-key", ADMIN, "--api-key", KEY, ADMIN, *flags]
+            "--weights-root", str(root), "--admin-key", ADMIN, "--api-key", KEY, *flags]
 
 
 @pytest.fixture(scope="module")

@@ -79,9 +79,25 @@ def _enable_plugin() -> None:
     os.environ["VLLM_PLUGINS"] = ",".join(sorted(names | {PLUGIN_NAME}))
 
 
+def _admit_admin_key(args: argparse.Namespace) -> None:
+    """With both ``--api-key`` (or ``$VLLM_API_KEY``) and ``--admin-key``, make the admin
+    key one of the API keys.
+
+    Why: vLLM's own auth middleware sits in front of every ``/v1`` route and knows only the
+    API keys, so ``POST /v1/weights/reload`` with the admin key alone would be refused
+    there before our admin check ran; a trainer should send one key, not two. The admin
+    key therefore opens every route, as an administrator's key does.
+    """
+    admin = getattr(args, "admin_key", None)
+    keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
+    if admin and keys and admin not in keys:
+        args.api_key = [*keys, admin]
+
+
 def serve(args: argparse.Namespace) -> None:
     """Run vLLM's ``serve`` command with our plugin enabled, in this process."""
     _enable_plugin()
+    _admit_admin_key(args)
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup

@@ -31,6 +31,7 @@ the server uses the scoring pass there (:func:`in_pass_possible`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import deque
@@ -130,10 +131,45 @@ def child_id(request_id: str, index: int) -> str:
     return f"{request_id}:{index}"
 
 
+class _Batch:
+    def __init__(self, engine: Any) -> None:
+        self.ids: list[str] = []
+        self.answer: asyncio.Future[dict[str, dict[int, tuple[float, float]]]] = (
+            asyncio.get_running_loop().create_future())
+        # A task starts after the callbacks already due in this turn of the loop: the
+        # requests woken by the same engine step join the batch before it is sent.
+        self.sending = asyncio.ensure_future(self._send(engine))
+
+    async def _send(self, engine: Any) -> None:
+        del _batches[id(engine)]
+        try:
+            answers = await engine.collective_rpc(COLLECT_METHOD, args=(self.ids,))
+            self.answer.set_result(answers[0])
+        except Exception as exc:  # noqa: BLE001 - every waiting caller gets the engine's error
+            self.answer.set_exception(exc)
+            self.answer.exception()  # retrieved: the callers may all have gone
+        finally:
+            if not self.answer.done():  # cancelled (shutdown)
+                self.answer.cancel()
+
+
+_batches: dict[int, _Batch] = {}  # id(engine) -> the collection being gathered for it
+
+
 async def collect(engine: Any, ids: list[str]) -> dict[str, dict[int, tuple[float, float]]]:
-    """The recorded numbers of ``ids`` from the engine's (first) worker, forgotten there."""
-    answers = await engine.collective_rpc(COLLECT_METHOD, args=(ids,))
-    return answers[0]
+    """The recorded numbers of ``ids`` from the engine's (first) worker, forgotten there.
+
+    Why batched: a ``collective_rpc`` is a round trip through the engine's busy loop, which
+    does not step meanwhile, and the requests of one step (rollouts of one length, above
+    all) finish together. So the collections asked for in one turn of the event loop go
+    out as one call.
+    """
+    batch = _batches.get(id(engine))
+    if batch is None:
+        batch = _batches[id(engine)] = _Batch(engine)
+    batch.ids.extend(ids)
+    answer = await asyncio.shield(batch.answer)  # a cancelled caller must not cancel the others'
+    return {i: answer.get(i, {}) for i in ids}
 
 
 def eligible(params: Any) -> bool:
