@@ -97,6 +97,50 @@ def test_unscheduled_requests_are_stock(client, model_name):
     assert all("temperature" not in item for item in choice["logprobs"]["content"])
 
 
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_unscheduled_stream_chunks_carry_the_version_and_last_chunks_the_spans(client, model_name, endpoint):
+    """The splice fast path (no JSON round trip for chunks that only gain ``weight_version``)
+    and the parsed path (finished choices gain their spans) in one stream."""
+    common = dict(model=model_name, max_tokens=6, n=2, stream=True, seed=3)
+    if endpoint == "completions":
+        stream = client.completions.create(prompt=PROMPT, **common)
+    else:
+        stream = client.chat.completions.create(messages=[{"role": "user", "content": "tell"}], **common)
+    spans, chunks = {}, 0
+    for chunk in stream:
+        data = chunk.model_dump()
+        assert isinstance(data["weight_version"], int) and data["weight_version"] >= 0
+        chunks += 1
+        for choice in data["choices"]:
+            assert "temperature_schedule" not in choice
+            if choice.get("finish_reason"):
+                spans[choice["index"]] = choice["weight_versions"]
+            else:
+                assert "weight_versions" not in choice
+    assert chunks > 4 and set(spans) == {0, 1}
+    for found in spans.values():
+        assert found[0]["start"] == 0 and 0 < found[-1]["end"] <= 6
+
+
+def test_only_chunks_that_gain_the_version_alone_are_spliced():
+    """The splice gives the same object as the parsed path wherever it applies, and applies
+    nowhere else."""
+    from ead_server.openai_middleware import _Decorator, _rewrite_event
+
+    ongoing = {"id": "c", "choices": [{"index": 0, "text": "a", "finish_reason": None},
+                                      {"index": 1, "text": "b", "finish_reason": None}]}
+    others = [{"id": "c", "choices": [{"index": 0, "text": "", "finish_reason": "length"},
+                                      {"index": 1, "text": "b", "finish_reason": None}]},
+              {"id": "c", "choices": [], "usage": {"completion_tokens": 3}},
+              {"error": {"message": "x", "finish_reason": None}}]
+    for obj in [ongoing, *others]:
+        event = b"data: " + json.dumps(obj, separators=(",", ":")).encode()
+        fast = _rewrite_event(event, _Decorator("completions", None, 7, 2, []))
+        slow = _Decorator("completions", None, 7, 2, [])(json.loads(json.dumps(obj)))
+        assert json.loads(fast[6:]) == slow
+        assert fast.startswith(b'data: {"weight_version":7,') == (obj is ongoing)
+
+
 def test_vllm_xargs_string_form_equals_the_field(client, model_name):
     common = dict(model=model_name, prompt=PROMPT, max_tokens=12, n=2, logprobs=0, seed=99)
     a = client.completions.create(**common, extra_body={"temperature_schedule": SCHEDULE}).model_dump()
