@@ -159,15 +159,9 @@ def schedule_temperatures(positions: torch.Tensor, kinds: torch.Tensor, params: 
 def _device_temperatures(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """The schedule as torch ops on the tensors' device (about twenty small launches)."""
     columns = params.unbind(1)
-    tau_max, tau_min, tau, warmup, scale = (columns[i] for i in (P_TAU_MAX, P_TAU_MIN, P_TAU, P_WARMUP, P_SCALE))
     t = positions.to(torch.float64)
-    growth = torch.exp(t / scale)  # inf past ~709 * scale: the clamps below absorb it
-    is_ead = kinds == KIND_EAD
-    ead = torch.maximum(1.0 + tau_max - growth, tau_min)
-    reverse = torch.minimum(tau_min + growth, tau_max)
-    annealed = torch.where(t < warmup, 1.0, torch.where(is_ead, ead, reverse))
-    fixed = torch.where(kinds == KIND_CONSTANT, tau, 1.0)
-    return torch.where(is_ead | (kinds == KIND_REVERSE), annealed, fixed)
+    growth = torch.exp(t / columns[P_SCALE])  # inf past ~709 * scale: the clamps absorb it
+    return _select(torch, t, kinds, columns, growth)
 
 
 def _host_temperatures(positions: np.ndarray, kinds: np.ndarray, params: np.ndarray) -> np.ndarray:
@@ -182,17 +176,24 @@ def _host_temperatures(positions: np.ndarray, kinds: np.ndarray, params: np.ndar
     arithmetic in both libraries, and ``exp`` is still torch's, on a contiguous float64
     vector as in the device path.
     """
-    tau_max, tau_min, tau, warmup, scale = (params[:, i] for i in (P_TAU_MAX, P_TAU_MIN, P_TAU, P_WARMUP, P_SCALE))
+    columns = params.T
     t = positions.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):  # torch's division does not warn either
-        ratio = t / scale
+        ratio = t / columns[P_SCALE]
     growth = torch.exp(torch.from_numpy(ratio)).numpy()  # inf past ~709 * scale: the clamps absorb it
+    return _select(np, t, kinds, columns, growth)
+
+
+def _select(xp: Any, t: Any, kinds: Any, columns: Any, growth: Any) -> Any:
+    """The schedule's branches and clamps, written once for ``xp`` = ``torch`` or ``numpy``
+    (the same names and IEEE semantics): ``growth = exp(t / scale)`` is given."""
+    tau_max, tau_min, tau, warmup = (columns[i] for i in (P_TAU_MAX, P_TAU_MIN, P_TAU, P_WARMUP))
     is_ead = kinds == KIND_EAD
-    ead = np.maximum(1.0 + tau_max - growth, tau_min)
-    reverse = np.minimum(tau_min + growth, tau_max)
-    annealed = np.where(t < warmup, 1.0, np.where(is_ead, ead, reverse))
-    fixed = np.where(kinds == KIND_CONSTANT, tau, 1.0)
-    return np.where(is_ead | (kinds == KIND_REVERSE), annealed, fixed)
+    ead = xp.maximum(1.0 + tau_max - growth, tau_min)
+    reverse = xp.minimum(tau_min + growth, tau_max)
+    annealed = xp.where(t < warmup, 1.0, xp.where(is_ead, ead, reverse))
+    fixed = xp.where(kinds == KIND_CONSTANT, tau, 1.0)
+    return xp.where(is_ead | (kinds == KIND_REVERSE), annealed, fixed)
 
 
 def slot_positions(slots: torch.Tensor, pos: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
