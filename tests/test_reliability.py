@@ -445,33 +445,49 @@ def test_client_splits_to_the_published_limits_and_honours_retry_after(guarded):
     log_429 = '"POST /v1/rollouts HTTP/1.1" 429'
     shed_before = guarded.log.read_text(errors="replace").count(log_429)
 
+    def shed_count() -> int:
+        return guarded.log.read_text(errors="replace").count(log_429)
+
     async def while_saturated() -> int:
-        """Hold every slot with long streams, then make a call: it is shed until they end."""
+        """Hold every slot with long streams, then make a call: it is shed until they end.
+
+        The streams stop reading after their first chunk until the call has been shed: a
+        reader that kept up with them kept this loop too busy to send the call before
+        they ended, on a loaded machine."""
         async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=300) as http, \
                 AsyncEADClient(guarded.url, api_key=KEY, max_retries=0) as client:
             running = [asyncio.Event() for _ in range(limit)]
+            shed = asyncio.Event()
 
             async def hog(started: asyncio.Event) -> list[str]:
-                # n=8 x 480 tokens each: seconds of work, far longer than the call's first attempt
-                # takes, also when a loaded machine starts the hogs far apart (300 was not, in one run).
                 body = {"model": "tiny", "prompt": "Hi", "n": 8, "max_tokens": 480, "ignore_eos": True, "stream": True}
                 lines = []
                 async with http.stream("POST", "/v1/completions", json=body) as response:
                     assert response.status_code == 200
                     async for line in response.aiter_lines():
-                        started.set()
+                        if not started.is_set():
+                            started.set()
+                            await shed.wait()
                         lines += [line] if line.startswith("data: ") else []
                 assert lines[-1] == "data: [DONE]" and len(lines) > 300, lines[-3:]
                 return lines
 
+            async def until_shed() -> None:
+                for _ in range(600):  # the 429 is logged within milliseconds; 60 s at most
+                    if shed_count() > shed_before:
+                        break
+                    await asyncio.sleep(0.1)
+                shed.set()
+
             hogs = [asyncio.create_task(hog(e)) for e in running]
             await asyncio.gather(*(e.wait() for e in running))
+            watch = asyncio.create_task(until_shed())
             batch = await client.rollouts(["a", "b"], n=2, max_tokens=4)
-            await asyncio.gather(*hogs)
+            await asyncio.gather(*hogs, watch)
             return len(batch.rollouts)
 
     assert asyncio.run(while_saturated()) == 4
-    assert guarded.log.read_text(errors="replace").count(log_429) > shed_before  # it was shed, and still succeeded
+    assert shed_count() > shed_before  # it was shed, and still succeeded
 
 
 def test_retry_after_is_read_as_seconds_or_a_date():
