@@ -10,10 +10,13 @@ triton and this package only, and writes its results into ``OUT`` as it goes:
    CPU. Bit-identical is the expectation; a float64 ``exp`` that rounds differently in
    its last bit may flip a float32 temperature by one ulp, so up to one ulp of the
    temperature is accepted and counted.
-2. ``benchmark.txt`` / ``benchmark.json``: ``ead_kernels.benchmark`` on the GPU: time
+2. ``target_stats.json``: the in-pass target statistics (``lse_rows``: one block of every
+   row on a GPU, no test here runs that branch) on the GPU against float64
+   ``logsumexp`` on the CPU, within 1e-5 nats.
+3. ``benchmark.txt`` / ``benchmark.json``: ``ead_kernels.benchmark`` on the GPU: time
    per step against vLLM's plain temperature division, and the kernel's bandwidth as a
    share of a device-to-device copy of the same bytes (target >= 85 %).
-3. ``summary.txt``: one line.
+4. ``summary.txt``: one line.
 
     python -m ead_kernels.gpu_check OUT [--quick]
 """
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import benchmark
+from .target_stats import lse_rows
 from .temperature import (
     KIND_CONSTANT,
     KIND_EAD,
@@ -42,6 +46,7 @@ from .temperature import (
 )
 
 BANDWIDTH_TARGET = 85.0  # % of a device-to-device copy, at the largest batch and vocabulary
+LSE_TOLERANCE = 1e-5  # nats: fp32 sums of up to 152k terms, against float64
 
 
 def _random_rows(rng: random.Random, count: int) -> tuple[list[int], list[int], list[list[float]]]:
@@ -109,6 +114,29 @@ def check_correctness(device: torch.device, quick: bool) -> list[dict]:
     return cases
 
 
+def check_target_stats(device: torch.device, quick: bool) -> list[dict]:
+    """``lse_rows`` on ``device`` (every row, a subset, fp32 and bf16 logits, masked
+    entries and a fully masked row) against float64 ``logsumexp`` on the CPU."""
+    cases = []
+    shapes = [(1, 151936), (64, 49152), (256, 151936)] if not quick else [(3, 2053), (16, 1000)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch, vocab in shapes:
+            g = torch.Generator().manual_seed(batch * 7 + vocab)
+            logits = torch.randn(batch, vocab, generator=g) * 8
+            logits[:, ::11] = -math.inf
+            logits[-1] = -math.inf if batch > 1 else logits[-1]
+            logits = logits.to(dtype)
+            rows = torch.arange(batch) if batch < 4 else torch.randperm(batch, generator=g)[: batch // 2 + 1]
+            want = torch.logsumexp(logits[rows].double(), -1)
+            got = lse_rows(logits.to(device), rows.to(device)).cpu().double()
+            same_inf = bool(torch.equal(got.isinf(), want.isinf()))
+            finite = want.isfinite()
+            diff = float((got - want)[finite].abs().max()) if finite.any() else 0.0
+            cases.append({"dtype": str(dtype).removeprefix("torch."), "batch": batch, "vocab": vocab,
+                          "rows": rows.numel(), "max_abs_diff": diff, "ok": same_inf and diff <= LSE_TOLERANCE})
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Triton kernel check and benchmark on a GPU")
     parser.add_argument("out", type=Path, help="folder for the results (written as they come)")
@@ -132,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     for c in failed:
         print(f"  FAILED {c}", flush=True)
 
+    stats = check_target_stats(device, args.quick)
+    (args.out / "target_stats.json").write_text(json.dumps(stats, indent=1))
+    stats_failed = [c for c in stats if not c["ok"]]
+    print(f"target statistics: {len(stats) - len(stats_failed)}/{len(stats)} cases within {LSE_TOLERANCE} nats "
+          f"(max {max(c['max_abs_diff'] for c in stats):.2e})", flush=True)
+    for c in stats_failed:
+        print(f"  FAILED {c}", flush=True)
+
     sizes = ([1, 8, 64, 256], [49152, 151936]) if not args.quick else ([1, 64], [49152])
     results = benchmark.run(*sizes, torch.float32, warmup=20, repeats=50 if args.quick else 200, device=device)
     table = benchmark.format_table(results)
@@ -141,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
 
     big = max(results, key=lambda r: (r["vocab"], r["batch"]))
     share = 100 * big["copy"] / big["triton"]
-    verdict = "PASS" if not failed and share >= BANDWIDTH_TARGET else "FAIL"
+    verdict = "PASS" if not failed and not stats_failed and share >= BANDWIDTH_TARGET else "FAIL"
     summary = (f"gpu-check {verdict}: {name}; kernel vs oracle {len(cases) - len(failed)}/{len(cases)} cases "
-               f"({exact:.4%} bit-identical); batch {big['batch']} x vocab {big['vocab']} fp32: triton "
+               f"({exact:.4%} bit-identical); target statistics {len(stats) - len(stats_failed)}/{len(stats)}; batch {big['batch']} x vocab {big['vocab']} fp32: triton "
                f"{big['triton'] * 1e3:.1f} us = {big['triton'] / big['baseline']:.2f}x vLLM's division, "
                f"{share:.0f}% of copy bandwidth (target {BANDWIDTH_TARGET:.0f}%); {time.monotonic() - started:.0f} s")
     print(summary, flush=True)

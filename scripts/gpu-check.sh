@@ -3,7 +3,7 @@
 # no vLLM, pytest or pydantic, no network, no install. It runs the Triton kernel compiled
 # for the GPU against the PyTorch oracle (both vLLM runners' layouts; fp32, bf16, fp16),
 # then the kernel micro-benchmark, and prints one summary line. Results are written into
-# OUT as they come (correctness.json, benchmark.txt/json, summary.txt, log.txt).
+# OUT as they come (correctness.json, target_stats.json, benchmark.txt/json, summary.txt, log.txt).
 #
 #   scripts/gpu-check.sh OUT [--quick]      # under 4 minutes on one H200; --quick: < 1 min
 set -euo pipefail

@@ -419,6 +419,14 @@ def test_the_gpu_check_correctness_pass_runs_here_under_the_interpreter() -> Non
     assert sum(c["bit_identical"] for c in cases) == sum(c["elements"] for c in cases)  # the interpreter is exact
 
 
+def test_the_gpu_check_target_statistics_pass_runs_here() -> None:
+    """The GPU check's in-pass statistics step, on small shapes on this machine's device."""
+    from ead_kernels import gpu_check
+
+    cases = gpu_check.check_target_stats(DEVICE, quick=True)
+    assert len(cases) == 4 and all(c["ok"] for c in cases), cases
+
+
 def test_host_and_device_schedule_paths_give_the_same_bits() -> None:
     """CPU tensors take the numpy path, others the torch-op path (the GPU fallback without
     Triton): both must give the same float64 temperatures, bit for bit."""
