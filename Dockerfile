@@ -52,6 +52,14 @@ COPY ead_server ead_server
 COPY kernels kernels
 COPY clients clients
 
+# The runtime, the same for both targets (inherited by them; each switches to the user
+# after its own install).
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+ENTRYPOINT ["ead-server", "serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["--shutdown-timeout", "30"]
+
 # ------------------------------------------------------------------------------- cpu
 FROM base AS cpu
 
@@ -66,11 +74,6 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constr
     && rm -rf /home/ead/.cache /root/.cache
 
 USER 10001:10001
-EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-ENTRYPOINT ["ead-server", "serve", "--host", "0.0.0.0", "--port", "8000"]
-CMD ["--shutdown-timeout", "30"]
 
 # ------------------------------------------------------------------------------- gpu
 FROM base AS gpu
@@ -85,8 +88,3 @@ RUN pip install -c constraints-gpu.txt ".[gpu]" \
     && rm -rf /home/ead/.cache /root/.cache
 
 USER 10001:10001
-EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-ENTRYPOINT ["ead-server", "serve", "--host", "0.0.0.0", "--port", "8000"]
-CMD ["--shutdown-timeout", "30"]
