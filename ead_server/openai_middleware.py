@@ -160,17 +160,22 @@ class _Decorator:
         self.calls = calls
         self.offsets: dict[int, int] = defaultdict(int)  # choice index -> tokens seen (streaming)
 
-    def _spans(self, index: int) -> list[dict[str, Any]] | None:
+    def _call(self, index: int) -> tuple[EngineCall | None, int]:
+        """The engine call behind choice ``index``, and the sample's index in it."""
         call, sample = divmod(index, self.n)
-        return self.calls[call].spans.get(sample) if call < len(self.calls) else None
+        return (self.calls[call] if call < len(self.calls) else None), sample
+
+    def _spans(self, index: int) -> list[dict[str, Any]] | None:
+        call, sample = self._call(index)
+        return call.spans.get(sample) if call is not None else None
 
     async def add_targets(self, obj: dict[str, Any], engine: Any, hide_ids: bool) -> None:
         """Each choice's target log-probs (a finished, non-streamed body)."""
         wanted = {}  # choice index -> in-pass id
         for index in (choice.get("index", 0) for choice in obj.get("choices") or ()):
-            call, sample = divmod(index, self.n)
-            if call < len(self.calls) and self.calls[call].target_id is not None:
-                wanted[index] = sample_ids(self.calls[call].target_id, self.n)[sample]
+            call, sample = self._call(index)
+            if call is not None and call.target_id is not None:
+                wanted[index] = sample_ids(call.target_id, self.n)[sample]
         recorded = await vllm_engine.targets.collect(engine, list(wanted.values())) if wanted else {}
 
         async def one(choice: dict[str, Any]) -> None:

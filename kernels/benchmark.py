@@ -16,7 +16,7 @@ median of the ratios of calls made in one pass, which a shared machine's load hi
     without a batched kernel; ``naive/torch`` is how many times faster our step is;
 (f) ``stats``: what the in-pass target statistics add to (b) when every row asks for
     them: ``lse(h)`` before the rescale and ``lse(h / tau)`` after it, as the processor
-    takes them (``ead_server.vllm_adapter.processor._scaled_with_targets``), timed in a
+    takes them (:func:`ead_kernels.target_stats.scaled_with_lse`), timed in a
     loop of their own beside the step the processor runs (Triton on a GPU, (b) on a
     CPU), and reported as the difference.
 
@@ -198,7 +198,6 @@ def breakdown(
         for batch in batch_sizes:
             positions, kinds, params, _ = _rows(batch, device)
             source = torch.randn(batch, vocab) * 8
-            work = source.clone()
             temps = schedule_temperatures(positions, kinds, params).to(torch.float32).unsqueeze(1)
             warm: list[float] = []
             torch_ops: list[float] = []  # the same schedule as torch ops (the device path), for comparison
@@ -218,7 +217,6 @@ def breakdown(
             results.append({"vocab": vocab, "batch": batch, "schedule_warm": statistics.median(warm),
                             "schedule_torch_ops_warm": statistics.median(torch_ops),
                             "schedule_cold": cold["schedule"], "divide": cold["divide"], "step": cold["step"]})
-            del work
     return results
 
 

@@ -124,7 +124,8 @@ def check_target_stats(device: torch.device, quick: bool) -> list[dict]:
             g = torch.Generator().manual_seed(batch * 7 + vocab)
             logits = torch.randn(batch, vocab, generator=g) * 8
             logits[:, ::11] = -math.inf
-            logits[-1] = -math.inf if batch > 1 else logits[-1]
+            if batch > 1:
+                logits[-1] = -math.inf  # a fully masked row
             logits = logits.to(dtype)
             rows = torch.arange(batch) if batch < 4 else torch.randperm(batch, generator=g)[: batch // 2 + 1]
             want = torch.logsumexp(logits[rows].double(), -1)

@@ -88,8 +88,10 @@ def _admit_admin_key(args: argparse.Namespace) -> None:
     there before our admin check ran; a trainer should send one key, not two. The admin
     key therefore opens every route, as an administrator's key does.
     """
+    from ead_server.guard import api_keys_from_args
+
     admin = getattr(args, "admin_key", None)
-    keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
+    keys = api_keys_from_args(args)
     if admin and keys and admin not in keys:
         args.api_key = [*keys, admin]
 

@@ -101,11 +101,12 @@ class TargetStore:
                 lse_raw, lse_tau = step.host()[row]
                 values[step.positions[row]] = (lse_raw, lse_tau)
                 step.pending -= 1
-        while self._steps and self._steps[0].pending == 0:
-            self._steps.popleft()
+        self._expire()
         return out
 
     def _expire(self) -> None:
+        """Drop the oldest steps that are fully collected or past their time-to-live (and
+        the entries of the latter's uncollected rows)."""
         deadline = time.monotonic() - self.ttl_s
         while self._steps and (self._steps[0].pending == 0 or self._steps[0].when < deadline):
             step = self._steps.popleft()
