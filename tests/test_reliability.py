@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -448,42 +449,45 @@ def test_client_splits_to_the_published_limits_and_honours_retry_after(guarded):
     def shed_count() -> int:
         return guarded.log.read_text(errors="replace").count(log_429)
 
+    async def until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+        for _ in range(600):  # 30 s at most
+            if await condition():
+                return
+            await asyncio.sleep(0.05)
+        pytest.fail(f"timed out waiting for {what}")
+
     async def while_saturated() -> int:
-        """Hold every slot with long streams, then make a call: it is shed until they end.
-
-        The streams stop reading after their first chunk until the call has been shed: a
-        reader that kept up with them kept this loop too busy to send the call before
-        they ended, on a loaded machine."""
-        async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=300) as http, \
+        """Every slot held by requests that the paused engine does not schedule (vLLM's
+        ``/pause?mode=keep``), then a call: it is shed until ``/resume`` lets them finish.
+        (Streams as hogs raced the engine: on two cores it could finish them, and the
+        server hand their output to the socket's buffers, before the call went out.)"""
+        async with httpx.AsyncClient(base_url=guarded.url, headers=ADMIN_AUTH, timeout=300) as http, \
                 AsyncEADClient(guarded.url, api_key=KEY, max_retries=0) as client:
-            running = [asyncio.Event() for _ in range(limit)]
-            shed = asyncio.Event()
+            def hog() -> asyncio.Task:
+                return asyncio.create_task(http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi",
+                                                                                "max_tokens": 4}))
 
-            async def hog(started: asyncio.Event) -> list[str]:
-                body = {"model": "tiny", "prompt": "Hi", "n": 8, "max_tokens": 480, "ignore_eos": True, "stream": True}
-                lines = []
-                async with http.stream("POST", "/v1/completions", json=body) as response:
-                    assert response.status_code == 200
-                    async for line in response.aiter_lines():
-                        if not started.is_set():
-                            started.set()
-                            await shed.wait()
-                        lines += [line] if line.startswith("data: ") else []
-                assert lines[-1] == "data: [DONE]" and len(lines) > 300, lines[-3:]
-                return lines
+            async def slots_full() -> bool:
+                """A cheap request that the guard counts is turned away. A hog turned away
+                (a probe held the slot for a moment) is sent again."""
+                for i, sent in enumerate(hogs):
+                    if sent.done() and sent.result().status_code == 429:
+                        hogs[i] = hog()
+                return (await http.post("/tokenize", json={"model": "tiny", "prompt": "x"})).status_code == 429
 
-            async def until_shed() -> None:
-                for _ in range(600):  # the 429 is logged within milliseconds; 60 s at most
-                    if shed_count() > shed_before:
-                        break
-                    await asyncio.sleep(0.1)
-                shed.set()
+            async def call_shed() -> bool:
+                return shed_count() > shed_before
 
-            hogs = [asyncio.create_task(hog(e)) for e in running]
-            await asyncio.gather(*(e.wait() for e in running))
-            watch = asyncio.create_task(until_shed())
-            batch = await client.rollouts(["a", "b"], n=2, max_tokens=4)
-            await asyncio.gather(*hogs, watch)
+            assert (await http.post("/pause", params={"mode": "keep"})).status_code == 200
+            hogs = [hog() for _ in range(limit)]
+            try:
+                await until(slots_full, "the hogs to take every slot")
+                call = asyncio.create_task(client.rollouts(["a", "b"], n=2, max_tokens=4))
+                await until(call_shed, "the call to be shed")
+            finally:
+                assert (await http.post("/resume")).status_code == 200
+            batch = await call
+            assert [answer.status_code for answer in await asyncio.gather(*hogs)] == [200] * limit
             return len(batch.rollouts)
 
     assert asyncio.run(while_saturated()) == 4
