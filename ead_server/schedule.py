@@ -14,9 +14,15 @@ type       temperature of the token sampled after ``t`` generated tokens
 ead        ``1.0`` if ``t < c`` else ``max(1 + tau_max - exp(t / (k d)), tau_min)``
 reverse    ``1.0`` if ``t < c`` else ``min(tau_min + exp(t / (k d)), tau_max)``
 constant   ``tau`` for every token (no warm-up)
+entropy    ``tau_min + (tau_max - tau_min) * min(1, H_t / h_max) ** exponent``
 =========  ==========================================================================
 
 ``d`` is either a fixed ``decay`` or the global-step-aware ``min(d0 + alpha * step, d_max)``.
+``H_t`` is the entropy (nats) of ``softmax(h_t)`` at temperature 1, the logits the token
+is sampled from. ``ead`` with ``"clock": "entropy"`` replaces ``t`` inside ``exp`` by
+``t_eff = sum_{i<t} H_i / h_ref`` (the warm-up still counts tokens). These two
+*entropy-driven* schedules (:attr:`ResolvedSchedule.entropy_driven`) are known only to
+the engine, which sees ``H``; the host never recomputes their temperatures.
 """
 
 from __future__ import annotations
@@ -36,11 +42,13 @@ __all__ = [
     "TemperatureSchedule",
     "effective_decay",
     "parse_schedule",
+    "entropy_temperature",
     "schedule_temperature",
     "spec_from_text",
 ]
 
-ScheduleType = Literal["ead", "reverse", "constant"]
+ScheduleType = Literal["ead", "reverse", "constant", "entropy"]
+Clock = Literal["tokens", "entropy"]
 PresetName = Literal["paper", "released-code"]
 
 # Strict types: JSON numbers only (ints are accepted where floats are expected), no
@@ -107,6 +115,10 @@ class TemperatureSchedule(_Strict):
     time_scale: PositiveFloat | None = None
     decay: PositiveFloat | None = None
     decay_schedule: DecaySchedule | None = None
+    clock: Clock | None = None
+    h_max: PositiveFloat | None = None
+    exponent: PositiveFloat | None = None
+    h_ref: PositiveFloat | None = None
 
     def resolve(self) -> ResolvedSchedule:
         """Fill every field from the preset (``paper`` when none is named), then check it.
@@ -132,6 +144,8 @@ class TemperatureSchedule(_Strict):
             raise ScheduleError(
                 "tau_min", f"tau_min ({fields['tau_min']}) must not exceed tau_max ({fields['tau_max']})"
             )
+        if fields["clock"] == "entropy" and fields["type"] != "ead":
+            raise ScheduleError("clock", f"the entropy clock drives the ead schedule only, not {fields['type']!r}")
         return ResolvedSchedule(**fields)
 
 
@@ -140,7 +154,9 @@ class ResolvedSchedule(_Strict):
 
     ``decay`` is the effective ``d``; ``decay_schedule`` is kept (or ``None`` when a
     fixed ``decay`` was given) so the echo shows where ``d`` came from. ``tau`` is used
-    by ``constant`` only, the other fields by ``ead`` and ``reverse`` only.
+    by ``constant`` only; ``tau_max`` and ``tau_min`` by every other type; ``warmup``,
+    ``time_scale``, ``decay`` and ``clock`` by ``ead`` and ``reverse``, ``h_ref`` by the
+    entropy clock; ``h_max`` and ``exponent`` by ``entropy``.
     """
 
     type: ScheduleType
@@ -152,6 +168,17 @@ class ResolvedSchedule(_Strict):
     time_scale: PositiveFloat
     decay: PositiveFloat
     decay_schedule: _ResolvedDecaySchedule | None
+    clock: Clock
+    h_max: PositiveFloat
+    exponent: PositiveFloat
+    h_ref: PositiveFloat
+
+    @property
+    def entropy_driven(self) -> bool:
+        """Whether each temperature depends on the model's entropies, which only the engine
+        sees: the ``entropy`` type and the entropy clock. Such a schedule's temperatures
+        come back from the engine with the tokens; the host cannot recompute them."""
+        return self.type == "entropy" or self.clock == "entropy"
 
     def as_request(self) -> dict[str, Any]:
         """A request-form spec that resolves to exactly this schedule.
@@ -182,25 +209,29 @@ class ResolvedSchedule(_Strict):
         The adapter packs them by name, so neither side depends on a column order.
         """
         return {"tau_max": self.tau_max, "tau_min": self.tau_min, "tau": self.tau,
-                "warmup": float(self.warmup), "scale": self.scale}
+                "warmup": float(self.warmup), "scale": self.scale, "h_max": self.h_max,
+                "exponent": self.exponent, "h_ref": self.h_ref if self.clock == "entropy" else 0.0}
 
-    def temperature(self, t: int) -> float:
-        """Temperature of the token sampled after ``t`` generated tokens."""
+    def temperature(self, t: int, entropy: float = 0.0, clock: float = 0.0) -> float:
+        """Temperature of the token sampled after ``t`` generated tokens; an entropy-driven
+        schedule also needs ``entropy`` (``H_t``) or ``clock`` (``sum_{i<t} H_i``)."""
         return schedule_temperature(
             self.type, t, tau_max=self.tau_max, tau_min=self.tau_min, tau=self.tau,
-            warmup=self.warmup, scale=self.scale,
+            warmup=self.warmup, scale=self.scale, h_max=self.h_max, exponent=self.exponent,
+            h_ref=self.h_ref if self.clock == "entropy" else 0.0, entropy=entropy, clock=clock,
         )
 
     def anneal_end(self) -> int | None:
         """The first ``t`` at which an annealed schedule sits at its final temperature
-        (``tau_min`` for ``ead``, ``tau_max`` for ``reverse``); ``None`` for ``constant``.
+        (``tau_min`` for ``ead``, ``tau_max`` for ``reverse``); ``None`` for ``constant``
+        and for the entropy-driven schedules, whose end depends on the rollout.
 
         Closed form: ``exp(t / scale)`` reaches ``1 + tau_max - tau_min`` (ead) or
         ``tau_max - tau_min`` (reverse) at ``t* = scale * log(.)``; the answer is
         ``max(warmup, ceil(t*))``, nudged by a step where float rounding of the
         schedule itself decides, so it agrees with :meth:`temperature` exactly.
         """
-        if self.type == "constant":
+        if self.type in ("constant", "entropy") or self.clock == "entropy":
             return None
         final, gap = (self.tau_min, 1.0 + self.tau_max - self.tau_min) if self.type == "ead" else (
             self.tau_max, self.tau_max - self.tau_min)
@@ -212,24 +243,42 @@ class ResolvedSchedule(_Strict):
         return t
 
     def temperatures(self, n: int) -> list[float]:
-        """Temperatures of the first ``n`` tokens of a completion."""
+        """Temperatures of the first ``n`` tokens of a completion (not entropy-driven)."""
+        if self.entropy_driven:
+            raise ValueError("an entropy-driven schedule's temperatures come from the engine")
         return [self.temperature(t) for t in range(n)]
 
 
+def entropy_temperature(entropy: float, *, tau_max: float, tau_min: float, h_max: float, exponent: float) -> float:
+    """The ``entropy`` type: ``tau_min + (tau_max - tau_min) * min(1, H / h_max) ** exponent``.
+
+    ``H`` below 0 (rounding) counts as 0, and a ``NaN`` entropy (a row of ``NaN`` logits,
+    which nothing upstream refuses) as 0 too: the coldest temperature, never a ``NaN``.
+    """
+    ratio = entropy / h_max if entropy == entropy else 0.0
+    return tau_min + (tau_max - tau_min) * min(1.0, max(ratio, 0.0)) ** exponent
+
+
 def schedule_temperature(
-    type: ScheduleType, t: int, *, tau_max: float, tau_min: float, tau: float, warmup: int, scale: float
+    type: ScheduleType, t: int, *, tau_max: float, tau_min: float, tau: float, warmup: int, scale: float,
+    h_max: float = 1.0, exponent: float = 1.0, h_ref: float = 0.0, entropy: float = 0.0, clock: float = 0.0,
 ) -> float:
     """The formula table of docs/design.md ("Formulas"), with ``scale = k * d``.
 
+    ``h_ref > 0`` selects the entropy clock: ``exp(clock / h_ref / scale)`` in place of
+    ``exp(t / scale)``, where ``clock = sum_{i<t} H_i``; the warm-up still counts tokens.
     Kept as a free function over plain numbers so the kernel tests can compare the
     kernel with it row by row without building spec objects.
     """
     if type == "constant":
         return tau
+    if type == "entropy":
+        return entropy_temperature(entropy, tau_max=tau_max, tau_min=tau_min, h_max=h_max, exponent=exponent)
     if t < warmup:
         return 1.0
+    elapsed = clock / h_ref if h_ref > 0 else t
     try:
-        growth = math.exp(t / scale)
+        growth = math.exp(elapsed / scale)
     except OverflowError:  # far past the end of the anneal: the clamp decides
         growth = math.inf
     if type == "ead":
@@ -245,6 +294,11 @@ _PAPER: dict[str, Any] = {
     "warmup": 10,
     "time_scale": 1.0,
     "decay_schedule": {"d0": 25.0, "alpha": 5.0, "d_max": 40000.0, "step": 0},
+    "clock": "tokens",
+    # Measured on the embedded model (docs/entropy-measurement.md).
+    "h_max": 3.0,
+    "exponent": 1.0,
+    "h_ref": 1.5,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -54,6 +54,7 @@ def test_presets_and_resolution():
     assert paper.model_dump() == {
         "type": "ead", "preset": "paper", "tau_max": 1.2, "tau_min": 0.1, "tau": 1.0, "warmup": 10,
         "time_scale": 1.0, "decay": 25.0, "decay_schedule": {"d0": 25.0, "alpha": 5.0, "d_max": 40000.0, "step": 0},
+        "clock": "tokens", "h_max": PRESETS["paper"]["h_max"], "exponent": 1.0, "h_ref": PRESETS["paper"]["h_ref"],
     }
     fixed = parse_schedule({"preset": "released-code", "decay": 3, "tau_min": 0.8})
     assert (fixed.decay, fixed.decay_schedule, fixed.time_scale, fixed.tau_min) == (3.0, None, 20.0, 0.8)
@@ -218,3 +219,67 @@ def test_schedules_written_as_text():
         with pytest.raises(ScheduleError) as err:
             parse_schedule(spec_from_text(bad))
         assert err.value.param == field, bad
+
+
+# ------------------------------------------------------------------ entropy-driven schedules
+
+
+@pytest.mark.parametrize(("entropy", "want"), [
+    (0.0, 0.1), (1.5, 0.1 + 1.1 * 0.5), (3.0, 1.2), (50.0, 1.2), (float("inf"), 1.2),
+    (-1e-7, 0.1), (float("nan"), 0.1),  # rounding below 0 and a NaN row: the coldest, never NaN
+])
+def test_the_entropy_type_by_hand(entropy, want):
+    schedule = parse_schedule({"type": "entropy", "h_max": 3.0})
+    assert schedule.entropy_driven and schedule.anneal_end() is None
+    assert schedule.temperature(7, entropy=entropy) == pytest.approx(want, rel=1e-12)
+
+
+def test_the_entropy_type_exponent_bends_the_curve():
+    linear, square = (parse_schedule({"type": "entropy", "h_max": 4.0, "exponent": e}) for e in (1, 2))
+    assert square.temperature(0, entropy=2.0) == pytest.approx(0.1 + 1.1 * 0.25)
+    assert square.temperature(0, entropy=2.0) < linear.temperature(0, entropy=2.0)
+
+
+def test_the_entropy_clock_runs_on_accumulated_entropy():
+    tokens = parse_schedule({"type": "ead", "warmup": 2, "decay": 10})
+    clocked = parse_schedule({"type": "ead", "warmup": 2, "decay": 10, "clock": "entropy", "h_ref": 2.0})
+    assert clocked.entropy_driven and not tokens.entropy_driven and clocked.anneal_end() is None
+    assert clocked.temperature(1, clock=100.0) == 1.0  # the warm-up still counts tokens
+    # t tokens at exactly h_ref each: the token clock's temperature.
+    for t in (2, 5, 9, 30):
+        assert clocked.temperature(t, clock=2.0 * t) == tokens.temperature(t)
+    # Forced tokens (H = 0) do not advance the anneal; forks advance it faster.
+    assert clocked.temperature(9, clock=0.0) == pytest.approx(1.2)
+    assert clocked.temperature(5, clock=14.0) < tokens.temperature(5)
+    assert clocked.temperature(9, clock=1e12) == 0.1  # exp overflows: the clamp decides
+
+
+def test_entropy_driven_temperatures_are_not_recomputed_on_the_host():
+    with pytest.raises(ValueError, match="engine"):
+        parse_schedule({"type": "entropy"}).temperatures(3)
+
+
+@pytest.mark.parametrize(("spec", "param"), [
+    ({"type": "entropy", "h_max": 0}, "h_max"),
+    ({"type": "entropy", "exponent": -1}, "exponent"),
+    ({"type": "entropy", "h_max": "3"}, "h_max"),
+    ({"type": "ead", "clock": "wall"}, "clock"),
+    ({"type": "ead", "clock": "entropy", "h_ref": float("inf")}, "h_ref"),
+    ({"type": "reverse", "clock": "entropy"}, "clock"),
+    ({"type": "constant", "clock": "entropy"}, "clock"),
+])
+def test_entropy_fields_are_checked_naming_the_field(spec, param):
+    with pytest.raises(ScheduleError) as info:
+        parse_schedule(spec)
+    assert info.value.param == param
+
+
+def test_entropy_schedules_written_as_text_round_trip():
+    clocked = parse_schedule(spec_from_text("ead:clock=entropy,h_ref=1.2"))
+    assert (clocked.clock, clocked.h_ref) == ("entropy", 1.2)
+    dyn = parse_schedule(spec_from_text("entropy:h_max=2.5,exponent=0.5"))
+    assert (dyn.type, dyn.h_max, dyn.exponent) == ("entropy", 2.5, 0.5)
+    for schedule in (clocked, dyn):
+        assert parse_schedule(schedule.wire) == schedule
+    assert clocked.kernel_params()["h_ref"] == 1.2
+    assert parse_schedule({"type": "ead"}).kernel_params()["h_ref"] == 0.0  # the token clock
