@@ -15,10 +15,9 @@ median of the ratios of calls made in one pass, which a shared machine's load hi
     (one temperature computed in Python and one division per row), the cost EAD has
     without a batched kernel; ``naive/torch`` is how many times faster our step is;
 (f) ``stats``: what the in-pass target statistics add to (b) when every row asks for
-    them: ``lse(h)`` before the rescale and ``lse(h / tau)`` after it, as the processor
-    takes them (:func:`ead_kernels.target_stats.scaled_with_lse`), timed in a
-    loop of their own beside the step the processor runs (Triton on a GPU, (b) on a
-    CPU), and reported as the difference.
+    them: :func:`ead_kernels.target_stats.row_stats` of the rows before the rescale and
+    after it, as the processor takes them, timed in a loop of their own beside the step
+    the processor runs (Triton on a GPU, (b) on a CPU), and reported as the difference.
 
 On a GPU it also times a device-to-device copy of the same bytes (``copy``): the
 kernel reads and writes each logit once, so ``copy / triton`` is the fraction of the
@@ -29,6 +28,13 @@ so repeated in-place division cannot drift into denormals or infinities.
 
     python -m ead_kernels.benchmark                      # CPU: small defaults, < 1 min
     python -m ead_kernels.benchmark --batch-sizes 1 8 64 256 --repeats 50 --threads 1
+
+``--entropy`` times instead the sampler steps of the entropy-aware schedules side by side
+with the plain EAD step (:func:`entropy_steps`), each as a ratio to it; on a GPU the
+target for the entropy-clock step is 1.10x:
+
+    python -m ead_kernels.benchmark --entropy                       # batches 64 128 256
+    python -m ead_kernels.benchmark --entropy --batch-sizes 4 --vocab-sizes 1000   # smoke run
 
 On GPU each call is timed with CUDA events on an otherwise idle stream, so host launch
 latency counts: that is what the PyTorch path's handful of small ops costs per step.
@@ -46,7 +52,9 @@ import torch
 
 from .temperature import (
     KIND_EAD,
+    KIND_ENTROPY,
     NUM_PARAMS,
+    P_H_REF,
     apply_schedule_,
     apply_schedule_slots_,
     apply_schedule_torch_,
@@ -55,12 +63,15 @@ from .temperature import (
     schedule_temperatures,
     triton_available,
 )
-from .target_stats import scaled_with_lse
+from .target_stats import row_stats
 
 Op = Callable[[torch.Tensor], object]
 
 
-PARAMS = (1.2, 0.1, 1.0, 10.0, 20.0 * 25.0)  # released-code EAD: tau_max, tau_min, tau, warmup, k * d
+# Released-code EAD (tau_max, tau_min, tau, warmup, k * d) on the token clock, with the
+# paper preset's h_max and exponent for the entropy type (h_ref = 0: see H_REF).
+PARAMS = (1.2, 0.1, 1.0, 10.0, 20.0 * 25.0, 3.0, 1.0, 0.0)
+H_REF = 1.5  # the paper preset's, for the entropy clock
 
 
 def _rows(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,7 +102,7 @@ def _slots(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -
 def naive_processor(logits: torch.Tensor, positions: list[int]) -> torch.Tensor:
     """One row at a time, the temperature computed in Python per row, as the authors'
     released code does in its vLLM logits processor (``annealed_sampling.py``)."""
-    tau_max, tau_min, _, warmup, scale = PARAMS
+    tau_max, tau_min, _, warmup, scale, *_ = PARAMS
     for row, t in enumerate(positions):
         temp = 1.0 if t < warmup else max(1.0 + tau_max - math.exp(t / scale), tau_min)
         logits[row].div_(temp)
@@ -99,9 +110,12 @@ def naive_processor(logits: torch.Tensor, positions: list[int]) -> torch.Tensor:
 
 
 def with_target_stats(logits: torch.Tensor, step: Callable[[torch.Tensor], object]) -> torch.Tensor:
-    """``step`` (in place) between the two log-sum-exps of the in-pass target log-probs, for
+    """``step`` (in place) between the row statistics of the in-pass target log-probs, for
     every row, as the processor runs it when every request asks for them."""
-    return scaled_with_lse(logits, range(logits.shape[0]), step)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    raw = row_stats(logits, rows)
+    step(logits)
+    return torch.cat([raw, row_stats(logits, rows)], 1)
 
 
 def _time_ms(op: Op, work: torch.Tensor, source: torch.Tensor) -> float:
@@ -181,6 +195,73 @@ def run(
             results.append(row)
             del logits
     return results
+
+
+ENTROPY_STEPS = ("stats", "targets", "clock", "entropy")
+
+
+def entropy_steps(
+    batch_sizes: list[int], vocab_sizes: list[int], dtype: torch.dtype, warmup: int, repeats: int, device: torch.device
+) -> list[dict[str, float | int]]:
+    """The sampler steps of the entropy-aware schedules beside the plain EAD step
+    (``--entropy``), every row scheduled and all of them in one pass (Triton on a GPU, the
+    PyTorch paths elsewhere):
+
+    * ``ead``: the plain EAD step, :func:`ead_kernels.apply_schedule_` (today's);
+    * ``stats``: :func:`ead_kernels.target_stats.row_stats` of the raw rows alone;
+    * ``targets``: the in-pass targets step, ``row_stats`` raw, the EAD scale, ``row_stats``
+      scaled;
+    * ``clock``: the entropy-clock step, ``row_stats`` raw (``H_t``, to advance the clock),
+      the EAD scale on the entropy clock (``h_ref > 0``, ``clock = sum_{i<t} H_i``), and
+      the clock's advance ``clock += H_t`` (one small op);
+    * ``entropy``: the ``entropy`` type's step, ``row_stats`` raw first (``H_t`` is needed
+      before the row can be scaled), then the scale with that entropy.
+
+    Returns one dict per (vocab, batch): medians in ms and each step's ratio to ``ead``
+    (medians of per-pass ratios).
+    """
+    results: list[dict[str, float | int]] = []
+    for vocab in vocab_sizes:
+        for batch in batch_sizes:
+            positions, kinds, params, _ = _rows(batch, device)
+            clocked = params.clone()
+            clocked[:, P_H_REF] = H_REF
+            clock = positions.to(torch.float64) * H_REF  # as if every token had h_ref nats
+            entropic = torch.full_like(kinds, KIND_ENTROPY)
+            rows = torch.arange(batch, device=device)
+            logits = (torch.randn(batch, vocab, device=device) * 8).to(dtype)
+
+            def clock_step(x: torch.Tensor) -> None:
+                entropy = row_stats(x, rows)[:, 1]
+                apply_schedule_(x, positions, kinds, clocked, clock=clock)
+                clock.add_(entropy)
+
+            ops: dict[str, Op] = {
+                "ead": lambda x: apply_schedule_(x, positions, kinds, params),
+                "stats": lambda x: row_stats(x, rows),
+                "targets": lambda x: with_target_stats(x, lambda y: apply_schedule_(y, positions, kinds, params)),
+                "clock": clock_step,
+                "entropy": lambda x: apply_schedule_(x, positions, entropic, params, entropy=row_stats(x, rows)[:, 1]),
+            }
+            times = _timings_ms(ops, logits, warmup, repeats)
+            row: dict[str, float | int] = {"batch": batch, "vocab": vocab}
+            row.update({name: statistics.median(values) for name, values in times.items()})
+            row.update({f"{name}/ead": _paired_ratio(times[name], times["ead"]) for name in ENTROPY_STEPS})
+            results.append(row)
+            del logits
+    return results
+
+
+def format_entropy_table(results: list[dict[str, float | int]]) -> str:
+    """Medians in microseconds and each step's ratio to the plain EAD step."""
+    header = f"{'vocab':>7} {'batch':>5} | {'ead us':>9} | " + " | ".join(
+        f"{name + ' us':>10} {'x ead':>6}" for name in ENTROPY_STEPS)
+    lines = [header, "-" * len(header)]
+    for r in results:
+        cells = [f"{r['vocab']:>7} {r['batch']:>5} | {float(r['ead']) * 1e3:>9.1f}"]
+        cells += [f"{float(r[name]) * 1e3:>10.1f} {float(r[name + '/ead']):>6.2f}" for name in ENTROPY_STEPS]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
 
 
 def breakdown(
@@ -263,7 +344,8 @@ def format_table(results: list[dict[str, float | int | None]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="default 1 8 64 256; with --entropy 64 128 256")
     parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[151936, 49152], help="Qwen, SmolLM2")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3 CPU, 20 GPU)")
@@ -273,7 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="CPU: also time the PyTorch step's parts (schedule warm and after the logits' write, "
                              "division)")
+    parser.add_argument("--entropy", action="store_true",
+                        help="time the entropy-aware schedules' steps (entropy clock, entropy type, in-pass targets) "
+                             "beside the plain EAD step instead")
     args = parser.parse_args(argv)
+    batch_sizes = args.batch_sizes or ([64, 128, 256] if args.entropy else [1, 8, 64, 256])
     if args.threads is not None:
         # On a small shared CPU, waking an OpenMP pool can cost milliseconds and hide the op.
         torch.set_num_threads(args.threads)
@@ -285,11 +371,14 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     note = "" if on_gpu and triton_available() else " (Triton skipped: no CUDA)"
     print(f"device: {name}; dtype {args.dtype}; median of {repeats} after {warmup} warm-up{note}")
-    results = run(args.batch_sizes, args.vocab_sizes, getattr(torch, args.dtype), warmup, repeats, device)
-    print(format_table(results))
+    dtype = getattr(torch, args.dtype)
+    if args.entropy:
+        print(format_entropy_table(entropy_steps(batch_sizes, args.vocab_sizes, dtype, warmup, repeats, device)))
+        return
+    print(format_table(run(batch_sizes, args.vocab_sizes, dtype, warmup, repeats, device)))
     if args.breakdown and not on_gpu:
         print("\nthe PyTorch step's parts (CPU):")
-        print(format_breakdown(breakdown(args.batch_sizes, args.vocab_sizes, warmup, repeats)))
+        print(format_breakdown(breakdown(batch_sizes, args.vocab_sizes, warmup, repeats)))
 
 
 if __name__ == "__main__":

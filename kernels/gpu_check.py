@@ -6,17 +6,22 @@ triton and this package only, and writes its results into ``OUT`` as it goes:
 
 1. ``correctness.json``: both layouts (V1 rows, V2 slots) and fp32 (what both vLLM
    runners hand to logits processors), bf16 and fp16, over random batches that hit every
-   branch of the schedule, compiled kernel on the GPU against the PyTorch path on the
-   CPU. Bit-identical is the expectation; a float64 ``exp`` that rounds differently in
-   its last bit may flip a float32 temperature by one ulp, so up to one ulp of the
-   temperature is accepted and counted.
-2. ``target_stats.json``: the in-pass target statistics (``lse_rows``: one block of every
-   row on a GPU, no test here runs that branch) on the GPU against float64
-   ``logsumexp`` on the CPU, within 1e-5 nats.
+   branch of the schedule (the entropy type and the entropy clock included, at extreme
+   entropies and clocks), without and with the per-row ``entropy`` and ``clock``
+   inputs, compiled kernel on the GPU against the PyTorch path on the CPU.
+   Bit-identical is the expectation; a float64 ``exp`` or ``log`` that rounds
+   differently in its last bit may flip a float32 temperature by one ulp, so up to one
+   ulp of the temperature is accepted and counted.
+2. ``target_stats.json``: ``row_stats`` (the Triton split reduction) on the GPU against
+   float64 ``logsumexp`` and ``-sum p log p`` on the CPU, within 1e-5 nats, the edge
+   rows (all ``-inf``, one-hot, ``NaN``) by their definitions.
 3. ``benchmark.txt`` / ``benchmark.json``: ``ead_kernels.benchmark`` on the GPU: time
    per step against vLLM's plain temperature division, and the kernel's bandwidth as a
    share of a device-to-device copy of the same bytes (target >= 85 %).
-4. ``summary.txt``: one line.
+4. ``entropy.txt`` / ``entropy.json``: ``ead_kernels.benchmark --entropy``: the
+   entropy-clock, entropy-type and in-pass targets steps against the plain EAD step
+   (target for the entropy clock: at most 1.10x, reported, not part of the verdict).
+5. ``summary.txt``: one line.
 
     python -m ead_kernels.gpu_check OUT [--quick]
 """
@@ -24,6 +29,7 @@ triton and this package only, and writes its results into ``OUT`` as it goes:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -34,10 +40,11 @@ from pathlib import Path
 import torch
 
 from . import benchmark
-from .target_stats import lse_rows
+from .target_stats import row_stats
 from .temperature import (
     KIND_CONSTANT,
     KIND_EAD,
+    KIND_ENTROPY,
     KIND_NONE,
     KIND_REVERSE,
     NUM_PARAMS,
@@ -46,11 +53,14 @@ from .temperature import (
 )
 
 BANDWIDTH_TARGET = 85.0  # % of a device-to-device copy, at the largest batch and vocabulary
-LSE_TOLERANCE = 1e-5  # nats: fp32 sums of up to 152k terms, against float64
+CLOCK_TARGET = 1.10  # the entropy-clock step over the plain EAD step
+STATS_TOLERANCE = 1e-5  # nats: fp32 sums of up to 152k terms, against float64
 
 
 def _random_rows(rng: random.Random, count: int) -> tuple[list[int], list[int], list[list[float]]]:
-    """Rows over warm-up edges, the anneal, both clamps and float64 ``exp`` overflow."""
+    """Rows over warm-up edges, the anneal, both clamps and float64 ``exp`` overflow; the
+    entropy type, and the annealed kinds on the entropy clock (``h_ref > 0``) a third
+    of the time."""
     positions, kinds, params = [], [], []
     for _ in range(count):
         tau_max = rng.choice([1.2, 1.0, rng.uniform(0.3, 3.0)])
@@ -59,9 +69,30 @@ def _random_rows(rng: random.Random, count: int) -> tuple[list[int], list[int], 
         scale = rng.choice([1.0, 20.0]) * rng.choice([25.0, rng.uniform(0.5, 100)])
         positions.append(rng.choice([0, warmup, warmup + 1, rng.randrange(0, 4096),
                                      int(scale * math.log(1 + tau_max - tau_min)), int(scale * 709.8) + 1, 10**9]))
-        kinds.append(rng.choice([KIND_NONE, KIND_EAD, KIND_REVERSE, KIND_CONSTANT]))
-        params.append([tau_max, tau_min, rng.uniform(0.05, 2.0), float(warmup), scale])
+        kinds.append(rng.choice([KIND_NONE, KIND_EAD, KIND_REVERSE, KIND_CONSTANT, KIND_ENTROPY]))
+        h_ref = rng.choice([0.0, 0.0, rng.uniform(0.1, 3.0)])
+        params.append([tau_max, tau_min, rng.uniform(0.05, 2.0), float(warmup), scale,
+                       rng.choice([3.0, rng.uniform(0.1, 12.0)]), rng.choice([1.0, rng.uniform(0.2, 4.0)]), h_ref])
     return positions, kinds, params
+
+
+def random_entropies(rng: random.Random, count: int, vocab: int) -> tuple[list[float], list[float]]:
+    """Per-row ``entropy`` (float32 values) and ``clock``: typical values and the extremes
+    (0, ``log V``, ``NaN``, ``inf``; a clock of 0, past ``exp``'s overflow, ``inf``)."""
+    entropy = [rng.choice([0.0, math.log(vocab), math.nan, math.inf, rng.uniform(0.0, 6.0), rng.uniform(0.0, 1.0)])
+               for _ in range(count)]
+    clock = [rng.choice([0.0, 1e300, math.inf, rng.uniform(0.0, 50.0), rng.uniform(0.0, 5000.0)]) for _ in range(count)]
+    return entropy, clock
+
+
+def reference_row_stats(rows: torch.Tensor) -> torch.Tensor:
+    """``[n, 2]`` float64 ``(lse, entropy)`` of ``rows`` on the CPU: ``torch.logsumexp`` and
+    ``-sum p log p`` with ``0 log 0 = 0`` (``torch.special.entr``), a row of all ``-inf``
+    given entropy 0 (``target_stats``' definition; its softmax is NaN)."""
+    x = rows.cpu().double()
+    entropy = torch.special.entr(torch.softmax(x, -1)).sum(-1)
+    entropy = torch.where(x.amax(-1) == -math.inf, 0.0, entropy)
+    return torch.stack([torch.logsumexp(x, -1), entropy], 1)
 
 
 def _compare(got: torch.Tensor, want: torch.Tensor) -> dict[str, float | int]:
@@ -77,46 +108,52 @@ def _compare(got: torch.Tensor, want: torch.Tensor) -> dict[str, float | int]:
 
 
 def check_correctness(device: torch.device, quick: bool) -> list[dict]:
-    """Every (layout, dtype, batch, vocab) case: the Triton kernel on ``device`` (compiled
-    on a GPU; under ``TRITON_INTERPRET=1`` on the CPU, as the test suite runs it) vs the
-    PyTorch path on the CPU."""
+    """Every (layout, dtype, batch, vocab, inputs) case: the Triton kernel on ``device``
+    (compiled on a GPU; under ``TRITON_INTERPRET=1`` on the CPU, as the test suite runs
+    it) vs the PyTorch path on the CPU. ``inputs`` is ``none`` (no ``entropy``/``clock``:
+    the plain step's kernel) or ``entropy`` (both given)."""
     cases = []
     shapes = [(1, 151936), (7, 49152), (64, 32003), (256, 4099)] if not quick else [(3, 2053), (16, 1000)]
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for layout in ("rows", "slots"):
-            for batch, vocab in shapes:
-                rng = random.Random(hash((str(dtype), layout, batch, vocab)) & 0xFFFF)
-                positions, kinds, params = _random_rows(rng, batch if layout == "rows" else 2 * batch)
-                pos_t = torch.tensor(positions, dtype=torch.int64)
-                kinds_t = torch.tensor(kinds, dtype=torch.int32)
-                params_t = torch.tensor(params, dtype=torch.float64).reshape(-1, NUM_PARAMS)
-                g = torch.Generator().manual_seed(batch * 31 + vocab)
-                logits = (torch.randn(batch, vocab, generator=g) * 8)
-                logits[:, ::13] = -math.inf
-                logits = logits.to(dtype)
-                if layout == "rows":
-                    args = (pos_t, kinds_t, params_t)
-                else:
-                    slots = torch.randperm(2 * batch, generator=g)[:batch].to(torch.int32)
-                    prompt_len = torch.randint(1, 300, (2 * batch,), generator=g, dtype=torch.int32)
-                    pos = pos_t[slots.long()].clamp_max(2**40) + prompt_len[slots.long()] - 1
-                    args = (pos, kinds_t, params_t, slots, prompt_len)
-                want = apply_schedule_torch_(logits.clone(), *args)
-                got = apply_schedule_triton_(logits.to(device), *(a.to(device) for a in args))
-                result = {"layout": layout, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "vocab": vocab,
-                          **_compare(got, want)}
-                result["ok"] = result["within_one_ulp_of_temperature"] == result["elements"]
-                untouched = (kinds_t if layout == "rows" else kinds_t[slots.long()]) == KIND_NONE
-                result["none_rows_identical"] = bool(torch.equal(got.cpu()[untouched].view(torch.int8),
-                                                                 logits[untouched].view(torch.int8)))
-                result["ok"] &= result["none_rows_identical"]
-                cases.append(result)
+    for dtype, layout, (batch, vocab), inputs in itertools.product(
+            (torch.float32, torch.bfloat16, torch.float16), ("rows", "slots"), shapes, ("none", "entropy")):
+        rng = random.Random(hash((str(dtype), layout, batch, vocab, inputs)) & 0xFFFF)
+        positions, kinds, params = _random_rows(rng, batch if layout == "rows" else 2 * batch)
+        entropy, clock = random_entropies(rng, batch, vocab)
+        per_row = {} if inputs == "none" else {
+            "entropy": torch.tensor(entropy, dtype=torch.float32), "clock": torch.tensor(clock, dtype=torch.float64)}
+        pos_t = torch.tensor(positions, dtype=torch.int64)
+        kinds_t = torch.tensor(kinds, dtype=torch.int32)
+        params_t = torch.tensor(params, dtype=torch.float64).reshape(-1, NUM_PARAMS)
+        g = torch.Generator().manual_seed(batch * 31 + vocab)
+        logits = (torch.randn(batch, vocab, generator=g) * 8)
+        logits[:, ::13] = -math.inf
+        logits = logits.to(dtype)
+        if layout == "rows":
+            args = (pos_t, kinds_t, params_t)
+        else:
+            slots = torch.randperm(2 * batch, generator=g)[:batch].to(torch.int32)
+            prompt_len = torch.randint(1, 300, (2 * batch,), generator=g, dtype=torch.int32)
+            pos = pos_t[slots.long()].clamp_max(2**40) + prompt_len[slots.long()] - 1
+            args = (pos, kinds_t, params_t, slots, prompt_len)
+        want = apply_schedule_torch_(logits.clone(), *args, **per_row)
+        got = apply_schedule_triton_(logits.to(device), *(a.to(device) for a in args),
+                                     **{k: v.to(device) for k, v in per_row.items()})
+        result = {"layout": layout, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "vocab": vocab,
+                  "inputs": inputs, **_compare(got, want)}
+        result["ok"] = result["within_one_ulp_of_temperature"] == result["elements"]
+        untouched = (kinds_t if layout == "rows" else kinds_t[slots.long()]) == KIND_NONE
+        result["none_rows_identical"] = bool(torch.equal(got.cpu()[untouched].view(torch.int8),
+                                                         logits[untouched].view(torch.int8)))
+        result["ok"] &= result["none_rows_identical"]
+        cases.append(result)
     return cases
 
 
 def check_target_stats(device: torch.device, quick: bool) -> list[dict]:
-    """``lse_rows`` on ``device`` (every row, a subset, fp32 and bf16 logits, masked
-    entries and a fully masked row) against float64 ``logsumexp`` on the CPU."""
+    """``row_stats`` on ``device`` (every row or a subset, fp32 and bf16 logits, masked
+    entries, a fully masked row, a one-hot row and a row with a ``NaN``) against
+    :func:`reference_row_stats`: both columns within :data:`STATS_TOLERANCE`, the
+    non-finite values equal."""
     cases = []
     shapes = [(1, 151936), (64, 49152), (256, 151936)] if not quick else [(3, 2053), (16, 1000)]
     for dtype in (torch.float32, torch.bfloat16):
@@ -126,15 +163,23 @@ def check_target_stats(device: torch.device, quick: bool) -> list[dict]:
             logits[:, ::11] = -math.inf
             if batch > 1:
                 logits[-1] = -math.inf  # a fully masked row
+                logits[0, :] = -math.inf  # a one-hot row
+                logits[0, vocab // 2] = 3.0
+            if batch > 2:
+                logits[1, 7] = math.nan
             logits = logits.to(dtype)
             rows = torch.arange(batch) if batch < 4 else torch.randperm(batch, generator=g)[: batch // 2 + 1]
-            want = torch.logsumexp(logits[rows].double(), -1)
-            got = lse_rows(logits.to(device), rows.to(device)).cpu().double()
-            same_inf = bool(torch.equal(got.isinf(), want.isinf()))
+            if batch >= 4:
+                rows[:3] = torch.tensor([0, 1, batch - 1])  # the edge rows, the rest a subset
+            want = reference_row_stats(logits[rows])
+            got = row_stats(logits.to(device), rows.to(device)).cpu().double()
+            same = bool(torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()))
             finite = want.isfinite()
-            diff = float((got - want)[finite].abs().max()) if finite.any() else 0.0
+            diff = (got - want).abs().where(finite, 0.0)
             cases.append({"dtype": str(dtype).removeprefix("torch."), "batch": batch, "vocab": vocab,
-                          "rows": rows.numel(), "max_abs_diff": diff, "ok": same_inf and diff <= LSE_TOLERANCE})
+                          "rows": rows.numel(), "max_abs_diff_lse": float(diff[:, 0].max()),
+                          "max_abs_diff_entropy": float(diff[:, 1].max()),
+                          "ok": same and float(diff.max()) <= STATS_TOLERANCE})
     return cases
 
 
@@ -164,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     stats = check_target_stats(device, args.quick)
     (args.out / "target_stats.json").write_text(json.dumps(stats, indent=1))
     stats_failed = [c for c in stats if not c["ok"]]
-    print(f"target statistics: {len(stats) - len(stats_failed)}/{len(stats)} cases within {LSE_TOLERANCE} nats "
-          f"(max {max(c['max_abs_diff'] for c in stats):.2e})", flush=True)
+    worst = max(max(c["max_abs_diff_lse"], c["max_abs_diff_entropy"]) for c in stats)
+    print(f"target statistics: {len(stats) - len(stats_failed)}/{len(stats)} cases within {STATS_TOLERANCE} nats "
+          f"(max {worst:.2e})", flush=True)
     for c in stats_failed:
         print(f"  FAILED {c}", flush=True)
 
@@ -176,13 +222,27 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "benchmark.txt").write_text(f"device: {name}\n{table}\n")
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=1))
 
+    sizes = ([64, 128, 256], [49152, 151936]) if not args.quick else ([64], [49152])
+    steps = benchmark.entropy_steps(*sizes, torch.float32, warmup=20, repeats=50 if args.quick else 200,
+                                    device=device)
+    table = benchmark.format_entropy_table(steps)
+    print(table, flush=True)
+    (args.out / "entropy.txt").write_text(f"device: {name}\n{table}\n")
+    (args.out / "entropy.json").write_text(json.dumps(steps, indent=1))
+
     big = max(results, key=lambda r: (r["vocab"], r["batch"]))
     share = 100 * big["copy"] / big["triton"]
     verdict = "PASS" if not failed and not stats_failed and share >= BANDWIDTH_TARGET else "FAIL"
+    step = max(steps, key=lambda r: (r["vocab"], r["batch"]))
+    clock = "met" if step["clock/ead"] <= CLOCK_TARGET else "missed"
     summary = (f"gpu-check {verdict}: {name}; kernel vs oracle {len(cases) - len(failed)}/{len(cases)} cases "
                f"({exact:.4%} bit-identical); target statistics {len(stats) - len(stats_failed)}/{len(stats)}; batch {big['batch']} x vocab {big['vocab']} fp32: triton "
                f"{big['triton'] * 1e3:.1f} us = {big['triton'] / big['baseline']:.2f}x vLLM's division, "
-               f"{share:.0f}% of copy bandwidth (target {BANDWIDTH_TARGET:.0f}%); {time.monotonic() - started:.0f} s")
+               f"{share:.0f}% of copy bandwidth (target {BANDWIDTH_TARGET:.0f}%); batch {step['batch']} x vocab "
+               f"{step['vocab']}: entropy-clock step {step['clock/ead']:.2f}x the EAD step "
+               f"(target {CLOCK_TARGET:.2f}x: {clock}), entropy type {step['entropy/ead']:.2f}x, "
+               f"in-pass targets {step['targets/ead']:.2f}x; "
+               f"{time.monotonic() - started:.0f} s")
     print(summary, flush=True)
     (args.out / "summary.txt").write_text(summary + "\n")
     return 0 if verdict == "PASS" else 1

@@ -2,12 +2,29 @@
 
 Every row of a batch may follow its own schedule (docs/design.md, "Temperature
 schedules") and sits at its own position ``t``, so the temperature is a function of
-``(t, kind, params)`` per row. A schedule is a *kind* and a *params* row:
+``(t, kind, params)`` per row, and for the entropy-driven schedules of the row's entropy
+too. A schedule is a *kind* and a *params* row:
 
-* ``kinds`` int: ``KIND_NONE`` / ``KIND_EAD`` / ``KIND_REVERSE`` / ``KIND_CONSTANT``;
+* ``kinds`` int: ``KIND_NONE`` / ``KIND_EAD`` / ``KIND_REVERSE`` / ``KIND_CONSTANT`` /
+  ``KIND_ENTROPY``;
 * ``params`` float64 ``[., NUM_PARAMS]``, columns named by :data:`PARAM_COLUMNS`
-  (``tau_max, tau_min, tau, warmup, scale`` with ``scale = time_scale * decay``).
+  (``tau_max, tau_min, tau, warmup, scale, h_max, exponent, h_ref`` with
+  ``scale = time_scale * decay``, and ``h_ref = 0`` for the token clock).
   ``ead_server.schedule.ResolvedSchedule.kernel_params`` fills a row by these names.
+
+Two optional per-*row* inputs (one value per row of the logits, in both layouts) carry
+what only the engine sees, the model's entropies (:func:`ead_kernels.target_stats.row_stats`):
+
+* ``entropy`` float32: ``H_t`` of the row at temperature 1, read by ``KIND_ENTROPY``:
+  ``tau_min + (tau_max - tau_min) * min(1, max(H / h_max, 0)) ** exponent``, a ``NaN``
+  ``H`` counting as 0;
+* ``clock`` float64: ``sum_{i<t} H_i``, read by ``KIND_EAD`` and ``KIND_REVERSE`` rows
+  whose ``h_ref > 0`` (the entropy clock): their anneal runs on
+  ``exp((clock / h_ref) / scale)`` instead of ``exp(t / scale)``; the warm-up still counts
+  tokens (``t < warmup``). ``h_ref == 0`` is the token clock, bit for bit as before.
+
+Either left out (``None``) reads as zeros: an ``entropy`` row then sits at ``tau_min``, a
+clocked row at the start of its anneal. The caller passes them whenever a row needs them.
 
 Two batch layouts, one per vLLM model runner:
 
@@ -23,7 +40,14 @@ Two batch layouts, one per vLLM model runner:
 Two implementations with one rounding recipe, so that they agree bit for bit:
 
 1. the schedule in float64 (``exp`` overflows to ``inf`` far past the anneal and the
-   clamp then picks ``tau_min`` / ``tau_max``, as the pure-Python reference does);
+   clamp then picks ``tau_min`` / ``tau_max``, as the pure-Python reference does); the
+   entropy type's power is ``exp(exponent * log(r))`` with ``r`` clamped to ``[0, 1]``
+   (``log 0 = -inf`` gives ``0``, ``log 1 = 0`` gives ``1`` exactly): Triton has no
+   ``pow`` that its interpreter runs, and so every path uses the same two functions it
+   already trusts. Against the reference's ``r ** exponent`` (libm's ``pow``) this is a
+   few float64 ulps off (at most 4 over 200k random rows), which the float32 rounding
+   below hides unless the value lies that close to a float32 rounding midpoint (then
+   one float32 ulp: never seen), as for ``exp``'s last bit;
 2. the float64 temperature rounded once to float32;
 3. ``row = (row.float() / temp_f32).to(row.dtype)`` with an IEEE round-to-nearest
    division (Triton's ``/`` on float32 is an approximate ``div.full``; ``div_rn`` is not).
@@ -32,8 +56,8 @@ The PyTorch path is the CPU path and the test oracle. The Triton path fuses the 
 into the rescale: one launch, no host work per step and no per-row temperature tensor,
 where the PyTorch path needs about twenty tiny ops (launches, on a GPU) to build them.
 On CPU tensors the PyTorch path builds them with numpy instead (the same IEEE ops and
-torch's own ``exp``, so the same bits), whose calls on batch-sized vectors cost less
-than torch's dispatch (docs/performance.md).
+torch's own ``exp`` and ``log``, so the same bits), whose calls on batch-sized vectors
+cost less than torch's dispatch (docs/performance.md).
 Triton is imported only when the Triton path is first used, so ``import ead_kernels``
 needs torch alone, and ``TRITON_INTERPRET`` only has to be set before that first use.
 """
@@ -41,6 +65,7 @@ needs torch alone, and ``TRITON_INTERPRET`` only has to be set before that first
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -49,10 +74,14 @@ import torch
 __all__ = [
     "KIND_CONSTANT",
     "KIND_EAD",
+    "KIND_ENTROPY",
     "KIND_NONE",
     "KIND_REVERSE",
     "KINDS",
     "NUM_PARAMS",
+    "P_EXPONENT",
+    "P_H_MAX",
+    "P_H_REF",
     "P_SCALE",
     "P_TAU",
     "P_TAU_MAX",
@@ -72,12 +101,13 @@ KIND_NONE = 0  # row untouched: no schedule (or a greedy row)
 KIND_EAD = 1
 KIND_REVERSE = 2
 KIND_CONSTANT = 3
-KINDS = {"ead": KIND_EAD, "reverse": KIND_REVERSE, "constant": KIND_CONSTANT}
+KIND_ENTROPY = 4
+KINDS = {"ead": KIND_EAD, "reverse": KIND_REVERSE, "constant": KIND_CONSTANT, "entropy": KIND_ENTROPY}
 """Kind number of each schedule ``type``."""
-PARAM_COLUMNS = ("tau_max", "tau_min", "tau", "warmup", "scale")
+PARAM_COLUMNS = ("tau_max", "tau_min", "tau", "warmup", "scale", "h_max", "exponent", "h_ref")
 """The names of the ``params`` columns, in order."""
 NUM_PARAMS = len(PARAM_COLUMNS)
-P_TAU_MAX, P_TAU_MIN, P_TAU, P_WARMUP, P_SCALE = range(NUM_PARAMS)
+P_TAU_MAX, P_TAU_MIN, P_TAU, P_WARMUP, P_SCALE, P_H_MAX, P_EXPONENT, P_H_REF = range(NUM_PARAMS)
 
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 1024 elements per program: 8 per thread at 4 warps (two 16-byte fp32 accesses), and
@@ -103,6 +133,19 @@ def _check_table(kinds: torch.Tensor, params: torch.Tensor) -> int:
     return params.shape[0]
 
 
+def _check_per_row(name: str, tensor: torch.Tensor | None, batch: int, dtype: torch.dtype,
+                   device: torch.device) -> None:
+    """Metadata-only checks of an optional per-row input (``entropy``, ``clock``)."""
+    if tensor is None:
+        return
+    if tensor.dim() != 1 or tensor.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [{batch}] (one value per row), got {tuple(tensor.shape)}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} must be {str(dtype).removeprefix('torch.')}, got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on {device}, got {tensor.device}")
+
+
 def _check_rows(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -> int:
     batch = _check_table(kinds, params)
     _check_index("positions", positions, batch)
@@ -117,6 +160,7 @@ def _check_rows(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tens
 def _check_inputs(
     logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor,
     slots: torch.Tensor | None, prompt_len: torch.Tensor | None,
+    entropy: torch.Tensor | None, clock: torch.Tensor | None,
 ) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [batch, vocab], got shape {tuple(logits.shape)}")
@@ -139,32 +183,49 @@ def _check_inputs(
     if any(t.device != logits.device for t in tensors):
         raise ValueError(f"schedule tensors must be on the logits' device {logits.device}, got "
                          f"{[str(t.device) for t in tensors]}")
+    _check_per_row("entropy", entropy, batch, torch.float32, logits.device)
+    _check_per_row("clock", clock, batch, torch.float64, logits.device)
 
 
-def schedule_temperatures(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def schedule_temperatures(
+    positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor, *,
+    entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Float64 temperature of every row, vectorised; ``KIND_NONE`` rows give ``1.0``.
 
     Uses the same float64 formulas as ``ead_server.schedule.schedule_temperature``
     (``(1 + tau_max) - exp(t / scale)`` and the clamps), so the two agree to the last
-    bit up to ``exp``'s own rounding. Unknown kinds are treated as none. CPU tensors take
-    the host path (:func:`_host_temperatures`), others the device path; both give the
-    same bits.
+    bit up to ``exp``'s own rounding (and the entropy type's power, see the module
+    docstring). ``entropy`` (float32) and ``clock`` (float64) are per row, ``None``
+    reading as zeros. Unknown kinds are treated as none. CPU tensors take the host path
+    (:func:`_host_temperatures`), others the device path; both give the same bits.
     """
-    _check_rows(positions, kinds, params)
+    batch = _check_rows(positions, kinds, params)
+    _check_per_row("entropy", entropy, batch, torch.float32, positions.device)
+    _check_per_row("clock", clock, batch, torch.float64, positions.device)
     if positions.is_cpu:
-        return torch.from_numpy(_host_temperatures(positions.numpy(), kinds.numpy(), params.numpy()))
-    return _device_temperatures(positions, kinds, params)
+        return torch.from_numpy(_host_temperatures(positions.numpy(), kinds.numpy(), params.numpy(),
+                                                   _numpy(entropy), _numpy(clock)))
+    return _device_temperatures(positions, kinds, params, entropy, clock)
 
 
-def _device_temperatures(positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def _numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
+    return None if tensor is None else tensor.numpy()
+
+
+def _device_temperatures(
+    positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor,
+    entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The schedule as torch ops on the tensors' device (about twenty small launches)."""
-    columns = params.unbind(1)
-    t = positions.to(torch.float64)
-    growth = torch.exp(t / columns[P_SCALE])  # inf past ~709 * scale: the clamps absorb it
-    return _select(torch, t, kinds, columns, growth)
+    return _schedule(torch, positions.to(torch.float64), kinds, params.unbind(1),
+                     None if entropy is None else entropy.to(torch.float64), clock)
 
 
-def _host_temperatures(positions: np.ndarray, kinds: np.ndarray, params: np.ndarray) -> np.ndarray:
+def _host_temperatures(
+    positions: np.ndarray, kinds: np.ndarray, params: np.ndarray,
+    entropy: np.ndarray | None = None, clock: np.ndarray | None = None,
+) -> np.ndarray:
     """The schedule of :func:`_device_temperatures` in numpy, for CPU tensors.
 
     Why: on a CPU each torch op on a batch-sized vector costs a few microseconds of
@@ -172,27 +233,43 @@ def _host_temperatures(positions: np.ndarray, kinds: np.ndarray, params: np.ndar
     twenty of the device path are most of the step's fixed cost; numpy's calls cost
     less (the schedule: about 35 instead of 50 us warm, ``python -m ead_kernels.benchmark
     --breakdown``). Why it is bit-identical:
-    every op but ``exp`` (float64 ``+ - /``, min/max, compares, selects) is exact IEEE
-    arithmetic in both libraries, and ``exp`` is still torch's, on a contiguous float64
-    vector as in the device path.
+    every op but ``exp`` and ``log`` (float64 ``+ - * /``, min/max, compares, selects) is
+    exact IEEE arithmetic in both libraries, and ``exp`` and ``log`` are still torch's, on
+    contiguous float64 vectors as in the device path.
     """
-    columns = params.T
-    t = positions.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):  # torch's division does not warn either
-        ratio = t / columns[P_SCALE]
-    growth = torch.exp(torch.from_numpy(ratio)).numpy()  # inf past ~709 * scale: the clamps absorb it
-    return _select(np, t, kinds, columns, growth)
+    with np.errstate(divide="ignore", invalid="ignore"):  # torch's arithmetic does not warn either
+        return _schedule(_HOST, positions.astype(np.float64), kinds, params.T,
+                         None if entropy is None else entropy.astype(np.float64), clock)
 
 
-def _select(xp: Any, t: Any, kinds: Any, columns: Any, growth: Any) -> Any:
-    """The schedule's branches and clamps, written once for ``xp`` = ``torch`` or ``numpy``
-    (the same names and IEEE semantics): ``growth = exp(t / scale)`` is given."""
-    tau_max, tau_min, tau, warmup = (columns[i] for i in (P_TAU_MAX, P_TAU_MIN, P_TAU, P_WARMUP))
+def _torch_on_numpy(fn: Any) -> Any:
+    return lambda x: fn(torch.from_numpy(x)).numpy()
+
+
+# numpy, but with torch's exp and log: the only ops whose last bit differs between them.
+_HOST = SimpleNamespace(where=np.where, maximum=np.maximum, minimum=np.minimum, clip=np.clip,
+                        exp=_torch_on_numpy(torch.exp), log=_torch_on_numpy(torch.log))
+
+
+def _schedule(xp: Any, t: Any, kinds: Any, columns: Any, entropy: Any, clock: Any) -> Any:
+    """The schedule, written once for ``xp`` = ``torch`` or :data:`_HOST` (the same names
+    and IEEE semantics). ``t``, ``entropy`` and ``clock`` are float64; ``None`` is zeros
+    without the arithmetic (``0 / h_ref`` is 0, and the entropy type's ``tau_min + d * 0``
+    is ``tau_min``)."""
+    tau_max, tau_min, tau, warmup, scale, h_max, exponent, h_ref = columns
+    # t itself on the token clock: today's bits.
+    elapsed = xp.where(h_ref > 0, 0.0 if clock is None else clock / h_ref, t)
+    growth = xp.exp(elapsed / scale)  # inf past ~709 * scale: the clamps absorb it
     is_ead = kinds == KIND_EAD
     ead = xp.maximum(1.0 + tau_max - growth, tau_min)
     reverse = xp.minimum(tau_min + growth, tau_max)
     annealed = xp.where(t < warmup, 1.0, xp.where(is_ead, ead, reverse))
-    fixed = xp.where(kinds == KIND_CONSTANT, tau, 1.0)
+    entropic = tau_min
+    if entropy is not None:
+        ratio = entropy / h_max
+        ratio = xp.where(ratio == ratio, xp.clip(ratio, 0.0, 1.0), 0.0)  # NaN counts as 0
+        entropic = tau_min + (tau_max - tau_min) * xp.exp(exponent * xp.log(ratio))
+    fixed = xp.where(kinds == KIND_CONSTANT, tau, xp.where(kinds == KIND_ENTROPY, entropic, 1.0))
     return xp.where(is_ead | (kinds == KIND_REVERSE), annealed, fixed)
 
 
@@ -203,17 +280,20 @@ def slot_positions(slots: torch.Tensor, pos: torch.Tensor, prompt_len: torch.Ten
 
 def apply_schedule_torch_(
     logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor,
-    slots: torch.Tensor | None = None, prompt_len: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None, prompt_len: torch.Tensor | None = None, *,
+    entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Divide each row of ``logits`` in place by its scheduled temperature (PyTorch).
 
     Rows layout by default; with ``slots`` and ``prompt_len``, the slot layout, where
     ``positions`` is each row's ``pos`` and ``kinds``/``params`` are per slot.
+    ``entropy`` (float32) and ``clock`` (float64) are per row in both layouts, ``None``
+    reading as zeros (module docstring).
     ``div_`` by a float32 tensor computes in float32 and rounds once to the logits'
     dtype, which is the recipe of the module docstring. ``KIND_NONE`` rows are divided
     by exactly ``1.0``, which leaves them bit-identical.
     """
-    _check_inputs(logits, positions, kinds, params, slots, prompt_len)
+    _check_inputs(logits, positions, kinds, params, slots, prompt_len, entropy, clock)
     if logits.is_cpu:  # every schedule tensor is on the logits' device (checked)
         t, kinds_np, params_np = positions.numpy(), kinds.numpy(), params.numpy()
         if slots is not None:
@@ -221,12 +301,13 @@ def apply_schedule_torch_(
             starts = prompt_len.numpy().astype(np.int64)[index]  # type: ignore[union-attr]
             t = np.maximum(t.astype(np.int64) + 1 - starts, 0)
             kinds_np, params_np = kinds_np[index], params_np[index]
-        temps = torch.from_numpy(_host_temperatures(t, kinds_np, params_np).astype(np.float32))
+        temps = torch.from_numpy(
+            _host_temperatures(t, kinds_np, params_np, _numpy(entropy), _numpy(clock)).astype(np.float32))
     else:
         if slots is not None:
             index = slots.long()
             positions, kinds, params = slot_positions(slots, positions, prompt_len), kinds[index], params[index]
-        temps = _device_temperatures(positions, kinds, params).to(torch.float32)
+        temps = _device_temperatures(positions, kinds, params, entropy, clock).to(torch.float32)
     return logits.div_(temps.unsqueeze(1))
 
 
@@ -262,16 +343,26 @@ def _triton_kernel() -> Any:
         params_ptr,
         params_stride_row,
         params_stride_col,
+        entropy_ptr,
+        entropy_stride,
+        clock_ptr,
+        clock_stride,
         vocab_size,
         USE_SLOTS: tl.constexpr,
+        HAS_ENTROPY: tl.constexpr,
+        HAS_CLOCK: tl.constexpr,
         EAD: tl.constexpr,
         REVERSE: tl.constexpr,
         CONSTANT: tl.constexpr,
+        ENTROPY: tl.constexpr,
         COL_TAU_MAX: tl.constexpr,
         COL_TAU_MIN: tl.constexpr,
         COL_TAU: tl.constexpr,
         COL_WARMUP: tl.constexpr,
         COL_SCALE: tl.constexpr,
+        COL_H_MAX: tl.constexpr,
+        COL_EXPONENT: tl.constexpr,
+        COL_H_REF: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
     ):
         # One program per (row, block of columns). Each computes its row's temperature
@@ -283,7 +374,7 @@ def _triton_kernel() -> Any:
             entry = row
         kind = tl.load(kinds_ptr + entry * kinds_stride)
         # KIND_NONE and unknown kinds leave the row alone (not read, not written).
-        if (kind != EAD) & (kind != REVERSE) & (kind != CONSTANT):
+        if (kind != EAD) & (kind != REVERSE) & (kind != CONSTANT) & (kind != ENTROPY):
             return
         p = params_ptr + entry * params_stride_row
         tau_max = tl.load(p + COL_TAU_MAX * params_stride_col)
@@ -291,17 +382,36 @@ def _triton_kernel() -> Any:
         tau = tl.load(p + COL_TAU * params_stride_col)
         warmup = tl.load(p + COL_WARMUP * params_stride_col)
         scale = tl.load(p + COL_SCALE * params_stride_col)
+        h_ref = tl.load(p + COL_H_REF * params_stride_col)
         position = tl.load(positions_ptr + row * positions_stride).to(tl.int64)
         if USE_SLOTS:
             prompt_len = tl.load(prompt_len_ptr + entry * prompt_len_stride).to(tl.int64)
             position = tl.maximum(position + 1 - prompt_len, 0)
         t = position.to(tl.float64)
-        growth = tl.exp(t / scale)
+        # The per-row inputs are read only where the row needs them (masked loads), and
+        # not at all without them (constexpr): the plain EAD step reads one more param.
+        clocked = h_ref > 0
+        if HAS_CLOCK:
+            clock = tl.load(clock_ptr + row * clock_stride, mask=clocked, other=0.0)
+            elapsed = tl.where(clocked, clock / h_ref, t)
+        else:
+            elapsed = tl.where(clocked, 0.0, t)  # a clock of zeros
+        growth = tl.exp(elapsed / scale)
         ead = tl.maximum(1.0 + tau_max - growth, tau_min)
         reverse = tl.minimum(tau_min + growth, tau_max)
         annealed = tl.where(kind == EAD, ead, reverse)
         annealed = tl.where(t < warmup, 1.0, annealed)
-        temp = tl.where(kind == CONSTANT, tau, annealed).to(tl.float32)
+        if HAS_ENTROPY:
+            h_max = tl.load(p + COL_H_MAX * params_stride_col)
+            exponent = tl.load(p + COL_EXPONENT * params_stride_col)
+            entropy = tl.load(entropy_ptr + row * entropy_stride, mask=kind == ENTROPY, other=0.0)
+            ratio = entropy.to(tl.float64) / h_max
+            ratio = tl.where(ratio == ratio, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 0.0)  # NaN counts as 0
+            entropic = tau_min + (tau_max - tau_min) * tl.exp(exponent * tl.log(ratio))
+        else:
+            entropic = tau_min  # entropy zeros: tau_min + d * 0
+        fixed = tl.where(kind == CONSTANT, tau, entropic)
+        temp = tl.where((kind == EAD) | (kind == REVERSE), annealed, fixed).to(tl.float32)
 
         cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = cols < vocab_size
@@ -331,19 +441,21 @@ def apply_schedule_triton_(
     slots: torch.Tensor | None = None,
     prompt_len: torch.Tensor | None = None,
     *,
+    entropy: torch.Tensor | None = None,
+    clock: torch.Tensor | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Divide each row of ``logits`` in place by its scheduled temperature (Triton).
 
     The same layouts and arguments as :func:`apply_schedule_torch_`. One launch over a
-    ``(batch, cdiv(vocab, BLOCK))`` grid; any row and column stride. ``KIND_NONE`` rows
-    are not read or written. Bit-identical to the PyTorch path except where ``exp``
-    rounds differently in its last float64 bit and that flips the float32 temperature
-    (1 ulp, practically never). ``block_size`` (a power of two) overrides the columns
-    per program; the tests raise it because Triton's interpreter pays milliseconds per
-    program.
+    ``(batch, cdiv(vocab, BLOCK))`` grid; any row and column stride (of the per-row
+    ``entropy`` and ``clock`` too). ``KIND_NONE`` rows are not read or written.
+    Bit-identical to the PyTorch path except where ``exp`` or ``log`` rounds differently
+    in its last float64 bit and that flips the float32 temperature (1 ulp, practically
+    never). ``block_size`` (a power of two) overrides the columns per program; the tests
+    raise it because Triton's interpreter pays milliseconds per program.
     """
-    _check_inputs(logits, positions, kinds, params, slots, prompt_len)
+    _check_inputs(logits, positions, kinds, params, slots, prompt_len, entropy, clock)
     import triton
 
     batch, vocab = logits.shape
@@ -351,9 +463,10 @@ def apply_schedule_triton_(
         return logits
     block = min(block_size or _BLOCK_SIZE, triton.next_power_of_2(vocab))
     grid = (batch, triton.cdiv(vocab, block))
-    # The row layout passes ``positions`` where the slot tensors go: never read there.
+    # Absent tensors are passed as ``positions``, never read (constexpr flags).
     slot_args = (positions, 0, positions, 0) if slots is None else (
         slots, slots.stride(0), prompt_len, prompt_len.stride(0))  # type: ignore[union-attr]
+    row_args = [(positions, 0) if x is None else (x, x.stride(0)) for x in (entropy, clock)]
     _triton_kernel()[grid](
         logits,
         logits.stride(0),
@@ -366,16 +479,24 @@ def apply_schedule_triton_(
         params,
         params.stride(0),
         params.stride(1),
+        *row_args[0],
+        *row_args[1],
         vocab,
         USE_SLOTS=slots is not None,
+        HAS_ENTROPY=entropy is not None,
+        HAS_CLOCK=clock is not None,
         EAD=KIND_EAD,
         REVERSE=KIND_REVERSE,
         CONSTANT=KIND_CONSTANT,
+        ENTROPY=KIND_ENTROPY,
         COL_TAU_MAX=P_TAU_MAX,
         COL_TAU_MIN=P_TAU_MIN,
         COL_TAU=P_TAU,
         COL_WARMUP=P_WARMUP,
         COL_SCALE=P_SCALE,
+        COL_H_MAX=P_H_MAX,
+        COL_EXPONENT=P_EXPONENT,
+        COL_H_REF=P_H_REF,
         BLOCK_SIZE=block,
         num_warps=4,
         enable_fp_fusion=False,  # no contraction into FMAs: same rounding as torch
@@ -388,21 +509,24 @@ def _use_triton(logits: torch.Tensor) -> bool:
 
 
 def apply_schedule_(
-    logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor
+    logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor, *,
+    entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scale ``logits`` in place, rows layout (V1): Triton on GPU tensors, PyTorch otherwise."""
     fn = apply_schedule_triton_ if _use_triton(logits) else apply_schedule_torch_
-    return fn(logits, positions, kinds, params)
+    return fn(logits, positions, kinds, params, entropy=entropy, clock=clock)
 
 
 def apply_schedule_slots_(
     logits: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, prompt_len: torch.Tensor,
-    kinds: torch.Tensor, params: torch.Tensor,
+    kinds: torch.Tensor, params: torch.Tensor, *,
+    entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scale ``logits`` in place, slot layout (V2): Triton on GPU tensors, PyTorch otherwise.
 
     ``slots[i]`` is row ``i``'s request slot, ``pos[i]`` its position in the sequence;
-    ``prompt_len``, ``kinds`` and ``params`` are indexed by slot.
+    ``prompt_len``, ``kinds`` and ``params`` are indexed by slot, ``entropy`` and
+    ``clock`` by row.
     """
     fn = apply_schedule_triton_ if _use_triton(logits) else apply_schedule_torch_
-    return fn(logits, pos, kinds, params, slots, prompt_len)
+    return fn(logits, pos, kinds, params, slots, prompt_len, entropy=entropy, clock=clock)

@@ -31,6 +31,7 @@ from ead_kernels import temperature as T  # noqa: E402
 from ead_kernels import (  # noqa: E402
     KIND_CONSTANT,
     KIND_EAD,
+    KIND_ENTROPY,
     KIND_NONE,
     KIND_REVERSE,
     NUM_PARAMS,
@@ -42,11 +43,13 @@ from ead_kernels import (  # noqa: E402
 from ead_server.schedule import effective_decay, schedule_temperature  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-KIND_NAMES = {KIND_EAD: "ead", KIND_REVERSE: "reverse", KIND_CONSTANT: "constant"}
+KIND_NAMES = {KIND_EAD: "ead", KIND_REVERSE: "reverse", KIND_CONSTANT: "constant", KIND_ENTROPY: "entropy"}
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
-# Triton's interpreter evaluates exp with numpy, which warns where float64 overflows.
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+# Triton's interpreter evaluates exp, log and division with numpy, which warns where
+# float64 overflows, at log(0) = -inf and at 0 / 0 (a select then drops the NaN).
+pytestmark = [pytest.mark.filterwarnings(f"ignore:{message}:RuntimeWarning") for message in (
+    "overflow encountered in exp", "divide by zero encountered in log", "invalid value encountered in divide")]
 
 needs_triton = pytest.mark.skipif(not T.triton_available(), reason="triton is not installed")
 
@@ -62,13 +65,14 @@ def _fresh_kernel():
 # --------------------------------------------------------------------------- helpers
 
 
-def reference_temperature(kind: int, t: int, row: list[float]) -> float:
+def reference_temperature(kind: int, t: int, row: list[float], entropy: float = 0.0, clock: float = 0.0) -> float:
     """The formulas (docs/design.md) through ead_server.schedule; KIND_NONE is temperature 1."""
     if kind not in KIND_NAMES:
         return 1.0
-    tau_max, tau_min, tau, warmup, scale = row
+    tau_max, tau_min, tau, warmup, scale, h_max, exponent, h_ref = row
     return schedule_temperature(
-        KIND_NAMES[kind], t, tau_max=tau_max, tau_min=tau_min, tau=tau, warmup=int(warmup), scale=scale
+        KIND_NAMES[kind], t, tau_max=tau_max, tau_min=tau_min, tau=tau, warmup=int(warmup), scale=scale,
+        h_max=h_max, exponent=exponent, h_ref=h_ref, entropy=entropy, clock=clock,
     )
 
 
@@ -98,7 +102,7 @@ def random_rows(rng: random.Random, batch: int) -> tuple[list[int], list[int], l
         )
         positions.append(t)
         kinds.append(rng.choice([KIND_NONE, KIND_EAD, KIND_REVERSE, KIND_CONSTANT]))
-        params.append([tau_max, tau_min, tau, float(warmup), scale])
+        params.append([tau_max, tau_min, tau, float(warmup), scale, 3.0, 1.0, 0.0])  # the token clock
     return positions, kinds, params
 
 
@@ -157,7 +161,8 @@ def test_overflow_clamps() -> None:
     """exp(t / scale) = inf far past the anneal: ead ends at tau_min, reverse at tau_max."""
     positions = torch.tensor([10**9, 10**9, 2**50, 2**50])
     kinds = torch.tensor([KIND_EAD, KIND_REVERSE, KIND_EAD, KIND_REVERSE])
-    params = torch.tensor([[1.2, 0.1, 1.0, 10.0, 25.0]] * 2 + [[1.5, 0.8, 1.0, 0.0, 500.0]] * 2, dtype=torch.float64)
+    rows = [[1.2, 0.1, 1.0, 10.0, 25.0, 3.0, 1.0, 0.0]] * 2 + [[1.5, 0.8, 1.0, 0.0, 500.0, 3.0, 1.0, 0.0]] * 2
+    params = torch.tensor(rows, dtype=torch.float64)
     assert schedule_temperatures(positions, kinds, params).tolist() == [0.1, 1.2, 0.8, 1.5]
 
 
@@ -165,7 +170,7 @@ def test_paper_schedule_values() -> None:
     """Spot values of the paper preset (k = 1, d = 25) and the released code (k = 20)."""
     positions = torch.tensor([0, 9, 10, 11, 30, 10, 370, 400])
     kinds = torch.full((8,), KIND_EAD)
-    paper, released = [1.2, 0.1, 1.0, 10.0, 25.0], [1.2, 0.1, 1.0, 10.0, 500.0]
+    paper, released = [1.2, 0.1, 1.0, 10.0, 25.0, 3.0, 1.0, 0.0], [1.2, 0.1, 1.0, 10.0, 500.0, 3.0, 1.0, 0.0]
     params = torch.tensor([paper] * 5 + [released] * 3, dtype=torch.float64)
     got = schedule_temperatures(positions, kinds, params).tolist()
     assert got[:2] == [1.0, 1.0]  # warm-up
@@ -188,7 +193,7 @@ def test_paper_schedule_values() -> None:
 )
 def test_schedule_temperatures_property(kind, t, tau_max, tau_min_frac, tau, warmup, k, d) -> None:
     tau_min = max(tau_max * tau_min_frac, 1e-3)
-    row = [tau_max, tau_min, tau, float(warmup), k * d]
+    row = [tau_max, tau_min, tau, float(warmup), k * d, 3.0, 1.0, 0.0]
     got = schedule_temperatures(
         torch.tensor([t]), torch.tensor([kind]), torch.tensor([row], dtype=torch.float64)
     ).item()
@@ -263,9 +268,9 @@ def test_triton_strided_schedule_tensors() -> None:
     """positions, kinds and params may be views into larger engine buffers."""
     batch, vocab = 16, 1000
     positions, kinds, params = make_rows(7, 2 * batch)
-    wide = torch.zeros(batch, 9, dtype=torch.float64, device=DEVICE)
-    wide[:, 2:7] = params[::2]
-    args = (positions[::2], kinds[::2], wide[:, 2:7])
+    wide = torch.zeros(batch, NUM_PARAMS + 4, dtype=torch.float64, device=DEVICE)
+    wide[:, 2:-2] = params[::2]
+    args = (positions[::2], kinds[::2], wide[:, 2:-2])
     logits = random_logits(batch, vocab, torch.float32, seed=7)
     expected = apply_schedule_torch_(logits.clone(), *args)
     assert_bits_equal(apply_schedule_triton_(logits, *args), expected)
@@ -391,7 +396,7 @@ def _good(batch: int = 2, vocab: int = 10):
         (lambda a: (a[0], a[1][:1], *a[2:]), ValueError, "positions must have shape"),
         (lambda a: (a[0], a[1].double(), *a[2:]), TypeError, "positions must be an integer"),
         (lambda a: (a[0], a[1], a[2].float(), a[3]), TypeError, "kinds must be an integer"),
-        (lambda a: (*a[:3], a[3][:, :4]), ValueError, r"params must have shape \[batch, 5\]"),
+        (lambda a: (*a[:3], a[3][:, :4]), ValueError, r"params must have shape \[batch, 8\]"),
         (lambda a: (*a[:3], a[3].float()), TypeError, "float64"),
     ],
 )
@@ -409,12 +414,13 @@ def test_import_does_not_need_triton() -> None:
 
 @needs_triton
 def test_the_gpu_check_correctness_pass_runs_here_under_the_interpreter() -> None:
-    """scripts/gpu-check.sh's first step, on small shapes: it must be runnable and green
-    before it is spent on a GPU, and it must catch a wrong kernel."""
+    """scripts/gpu-check.sh's first step, on small shapes (with and without the entropy
+    inputs): it must be runnable and green before it is spent on a GPU, and it must catch
+    a wrong kernel."""
     from ead_kernels import gpu_check
 
     cases = gpu_check.check_correctness(DEVICE, quick=True)
-    assert len(cases) == 12 and all(c["ok"] for c in cases), [c for c in cases if not c["ok"]]
+    assert len(cases) == 24 and all(c["ok"] for c in cases), [c for c in cases if not c["ok"]]
     assert all(c["none_rows_identical"] for c in cases)
     assert sum(c["bit_identical"] for c in cases) == sum(c["elements"] for c in cases)  # the interpreter is exact
 
@@ -439,11 +445,10 @@ def test_host_and_device_schedule_paths_give_the_same_bits() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 5, 19])
 def test_in_pass_lse_equals_logsumexp(dtype, batch) -> None:
-    """The blockwise ``lse`` of the in-pass target statistics is ``torch.logsumexp`` over the
-    chosen rows in fp32, bit for bit, rows of ``-inf`` and terms below fp32's normal range
-    included; ``scaled_with_lse`` takes
-    one before the step and one after it."""
-    from ead_kernels.target_stats import CPU_BLOCK_ROWS, lse_rows, scaled_with_lse
+    """The blockwise ``lse`` column of ``row_stats`` is ``torch.logsumexp`` over the chosen
+    rows in fp32, bit for bit, rows of ``-inf`` and terms below fp32's normal range
+    included; the processor takes one before the step and one after it."""
+    from ead_kernels.target_stats import CPU_BLOCK_ROWS, row_stats_torch
 
     assert batch < CPU_BLOCK_ROWS or batch > 2 * CPU_BLOCK_ROWS  # one block, and a ragged last one
     gen = torch.Generator().manual_seed(batch)
@@ -454,9 +459,7 @@ def test_in_pass_lse_equals_logsumexp(dtype, batch) -> None:
         logits[-1] = -math.inf
     rows = sorted(random.Random(batch).sample(range(batch), max(1, batch - 2)) + [batch - 1])
     want = torch.logsumexp(logits[rows].float(), -1)
-    assert torch.equal(lse_rows(logits, torch.tensor(rows)), want)
-    temps = torch.rand(batch, 1, generator=gen).to(dtype) + 0.3
-    stats = scaled_with_lse(logits, rows, lambda x: x.div_(temps))
-    assert torch.equal(stats[:, 0], want)
-    assert torch.equal(stats[:, 1], torch.logsumexp(logits[rows].float(), -1))
-    assert lse_rows(logits, torch.tensor([], dtype=torch.long)).shape == (0,)
+    assert torch.equal(row_stats_torch(logits, torch.tensor(rows))[:, 0], want)
+    logits.div_(torch.rand(batch, 1, generator=gen).to(dtype) + 0.3)
+    assert torch.equal(row_stats_torch(logits, rows)[:, 0], torch.logsumexp(logits[rows].float(), -1))
+    assert row_stats_torch(logits, torch.tensor([], dtype=torch.long)).shape == (0, 2)
