@@ -69,9 +69,9 @@ Op = Callable[[torch.Tensor], object]
 
 
 # Released-code EAD (tau_max, tau_min, tau, warmup, k * d) on the token clock, with the
-# paper preset's h_max and exponent for the entropy type (h_ref = 0: see H_REF).
-PARAMS = (1.2, 0.1, 1.0, 10.0, 20.0 * 25.0, 3.0, 1.0, 0.0)
-H_REF = 1.5  # the paper preset's, for the entropy clock
+# presets' h_max and exponent for the entropy type (ead_server.schedule; h_ref = 0 here).
+PARAMS = (1.2, 0.1, 1.0, 10.0, 20.0 * 25.0, 4.0, 1.0, 0.0)
+H_REF = 1.8  # the presets' h_ref, for the entropy clock
 
 
 def _rows(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
