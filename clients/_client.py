@@ -153,6 +153,7 @@ class EADClient(BaseEADClient):
         top_p: float | None = None,
         top_k: int | None = None,
         return_target_logprobs: bool = False,
+        return_entropy: bool = False,
         model: str | None = None,
     ) -> RolloutBatch:
         """Sample ``n`` completions of every prompt, with per-token log-probs.
@@ -186,6 +187,10 @@ class EADClient(BaseEADClient):
                 log-probs then refer to the truncated distribution).
             return_target_logprobs: also return the temperature-1 log-probs of every
                 sampled token (``Rollout.target_logprobs``).
+            return_entropy: also return each token's entropy at temperature 1
+                (``Rollout.entropies``) and under the distribution it was sampled from
+                (``Rollout.behavior_entropies``), from the sampling pass; needs a schedule
+                and no ``top_p`` / ``top_k``.
             model: the served model name, when the server wants one.
 
         Returns:
@@ -205,7 +210,8 @@ class EADClient(BaseEADClient):
             self._each_server(self._limits_flow, raise_errors=False)
         chunks = self._build_rollout_chunks(
             prompts, messages, n=n, max_tokens=max_tokens, schedule=schedule, step=step, stop=stop,
-            seed=seed, top_p=top_p, top_k=top_k, return_target_logprobs=return_target_logprobs, model=model,
+            seed=seed, top_p=top_p, top_k=top_k, return_target_logprobs=return_target_logprobs,
+            return_entropy=return_entropy, model=model,
         )
         outcomes = self._run_chunks(chunks)
         return assemble(outcomes, num_prompts=chunks[-1].stop, n=n)
@@ -345,13 +351,15 @@ class AsyncEADClient(BaseEADClient):
         top_p: float | None = None,
         top_k: int | None = None,
         return_target_logprobs: bool = False,
+        return_entropy: bool = False,
         model: str | None = None,
     ) -> RolloutBatch:
         if self._limits_unknown():
             await self._each_server(self._limits_flow, raise_errors=False)
         chunks = self._build_rollout_chunks(
             prompts, messages, n=n, max_tokens=max_tokens, schedule=schedule, step=step, stop=stop,
-            seed=seed, top_p=top_p, top_k=top_k, return_target_logprobs=return_target_logprobs, model=model,
+            seed=seed, top_p=top_p, top_k=top_k, return_target_logprobs=return_target_logprobs,
+            return_entropy=return_entropy, model=model,
         )
         outcomes = await self._run_chunks(chunks)
         return assemble(outcomes, num_prompts=chunks[-1].stop, n=n)

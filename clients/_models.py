@@ -57,7 +57,7 @@ class Rollout(protocol.Rollout):
     @model_validator(mode="after")
     def _aligned(self) -> Rollout:
         n = len(self.token_ids)
-        for name in ("behavior_logprobs", "temperatures", "target_logprobs"):
+        for name in ("behavior_logprobs", "temperatures", "target_logprobs", "entropies", "behavior_entropies"):
             values = getattr(self, name)
             if values is not None and len(values) != n:
                 raise ValueError(f"{name} has {len(values)} entries for {n} tokens")

@@ -199,6 +199,7 @@ def plan_rollouts(
     top_k: int | None,
     return_target_logprobs: bool,
     model: str | None,
+    return_entropy: bool = False,
     limits: Mapping[str, int],
     chunk_size: int | None,
     max_concurrency: int,
@@ -217,6 +218,8 @@ def plan_rollouts(
         "max_tokens": max_tokens,
         "return_target_logprobs": bool(return_target_logprobs),
     }
+    if return_entropy:
+        common["return_entropy"] = True
     optional = {
         "stop": [stop] if isinstance(stop, str) else (list(stop) if stop is not None else None),
         "top_p": top_p,

@@ -26,6 +26,7 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -39,6 +40,8 @@ from ead_server.request_contract import SCHEDULE_KEY
 from ead_server.schedule import ResolvedSchedule
 from ead_server.vllm_adapter import engine as vllm_engine
 from ead_server.vllm_adapter.engine import EngineCall, recording_calls
+from ead_server.vllm_adapter.targets import ENTROPY, ENTROPY_TAU, TAU
+from ead_server.vllm_adapter.targets import recorded_column as column
 from ead_server.weight_gate import WeightGate
 
 Scope = MutableMapping[str, Any]
@@ -138,8 +141,9 @@ def prepare_generate(payload: dict[str, Any], default: ResolvedSchedule | None =
     if extra is not None and not isinstance(extra, dict):
         raise APIError(400, "sampling_params.extra_args must be an object", "sampling_params.extra_args")
     extra = dict(extra or {})
-    request = contract.read_request([(f"sampling_params.extra_args.{SCHEDULE_KEY}", extra.pop(SCHEDULE_KEY, None))],
-                                    params.get("temperature"), default)
+    field = f"sampling_params.extra_args.{SCHEDULE_KEY}"
+    request = contract.read_request([(field, extra.pop(SCHEDULE_KEY, None))], params.get("temperature"), default)
+    contract.refuse_engine_numbers(request, "vLLM's token route", field)
     if request.schedule is not None:
         params.update(request.sampling(params))
         params["extra_args"] = request.extra_args(extra)
@@ -154,29 +158,51 @@ def _samples_per_prompt(fields: Any) -> int:
 TARGETS_FIELD = "return_target_logprobs"
 
 
-def prepare_targets(payload: dict[str, Any], request: contract.Request, engine: Any) -> tuple[bool, bool]:
-    """Take ``return_target_logprobs`` out of a body; returns whether it was asked and
-    whether to hide the token ids this turns on (the scoring fallback needs them).
+def _flag(payload: dict[str, Any], field: str) -> bool:
+    value = payload.pop(field, None)
+    if value is not None and not isinstance(value, bool):
+        raise APIError(400, f"{field} must be true or false", field)
+    return bool(value)
 
-    Target log-probs are computed from the behaviour log-probs, so ``logprobs`` must be
-    asked too; streams are refused (``/v1/rollouts`` or ``stream: false`` give them).
+
+@dataclass(frozen=True)
+class EngineNumbers:
+    """What a body asks of the sampling pass's per-token numbers, once the middleware has
+    read it: target log-probs, entropies, and whether the engine records (an id was set:
+    always for an entropy-driven schedule, whose temperatures only the engine knows)."""
+
+    targets: bool = False
+    entropy: bool = False
+    recorded: bool = False
+    hide_ids: bool = False  # token ids were turned on only for the scoring fallback
+
+
+def prepare_engine_numbers(payload: dict[str, Any], request: contract.Request, engine: Any) -> EngineNumbers:
+    """Take ``return_target_logprobs`` and ``return_entropy`` out of a body and set what
+    they need; raises a 400 naming the field where they cannot be given.
+
+    Both are written beside the log-probs, so ``logprobs`` must be asked; streams are
+    refused (``/v1/rollouts`` or ``stream: false`` give them). Target log-probs are
+    computed from the behaviour log-probs, in the sampling pass where exact, else by a
+    scoring pass; entropies and an entropy-driven schedule's temperatures come from the
+    sampling pass only (the request contract's :func:`~ead_server.request_contract.engine_numbers_needed`).
     """
-    wanted = payload.pop(TARGETS_FIELD, None)
-    if wanted is None or wanted is False:
-        return False, False
-    if wanted is not True:
-        raise APIError(400, f"{TARGETS_FIELD} must be true or false", TARGETS_FIELD)
-    if payload.get("stream"):
-        raise APIError(400, f"{TARGETS_FIELD} is not available on streams: use stream=false or /v1/rollouts",
-                       TARGETS_FIELD)
-    if payload.get("logprobs") is None or payload.get("logprobs") is False:  # 0 asks for the sampled token
-        raise APIError(400, f"{TARGETS_FIELD} needs logprobs (they are computed from the behaviour log-probs)",
-                       TARGETS_FIELD)
-    hide_ids = not payload.get("return_token_ids")
-    payload["return_token_ids"] = True
-    if contract.wants_in_pass(request, engine):  # each prompt's engine call derives its own id (adapter's tap)
+    targets, entropy = _flag(payload, TARGETS_FIELD), _flag(payload, contract.ENTROPY_FIELD)
+    for field, wanted in ((TARGETS_FIELD, targets), (contract.ENTROPY_FIELD, entropy)):
+        if not wanted:
+            continue
+        if payload.get("stream"):
+            raise APIError(400, f"{field} is not available on streams: use stream=false or /v1/rollouts", field)
+        if payload.get("logprobs") is None or payload.get("logprobs") is False:  # 0 asks for the sampled token
+            raise APIError(400, f"{field} needs logprobs (its values are written beside them)", field)
+    needed = contract.engine_numbers_needed(request, payload, engine, entropy=entropy, stream=bool(payload.get("stream")))
+    hide_ids = targets and not payload.get("return_token_ids")
+    if targets:
+        payload["return_token_ids"] = True
+    recorded = needed or (targets and contract.wants_in_pass(request, engine))
+    if recorded:  # each prompt's engine call derives its own id (adapter's tap)
         payload["vllm_xargs"][contract.TARGET_KEY] = contract.new_target_id()
-    return True, hide_ids
+    return EngineNumbers(targets, entropy, recorded, hide_ids)
 
 
 def refuse_schedule(path: str, payload: dict[str, Any]) -> None:
@@ -224,36 +250,54 @@ class _Decorator:
         call, sample = self._call(index)
         return call.spans.get(sample) if call is not None else None
 
-    async def add_targets(self, obj: dict[str, Any], engine: Any, hide_ids: bool) -> None:
-        """Each choice's target log-probs (a finished, non-streamed body)."""
+    async def add_engine_numbers(self, obj: dict[str, Any], engine: Any, asked: EngineNumbers) -> None:
+        """Each choice's numbers from the sampling pass (a finished, non-streamed body): an
+        entropy-driven schedule's temperatures, target log-probs, entropies."""
         wanted = {}  # choice index -> in-pass id
         for index in (choice.get("index", 0) for choice in obj.get("choices") or ()):
             call, sample = self._call(index)
             if call is not None and call.target_id is not None:
                 wanted[index] = contract.sample_target_ids(call.target_id, self.n)[sample]
         recorded = await vllm_engine.targets.collect(engine, list(wanted.values())) if wanted else {}
+        driven = self.request.schedule is not None and self.request.schedule.entropy_driven
 
         async def one(choice: dict[str, Any]) -> None:
             index, logprobs = choice.get("index", 0), choice.get("logprobs") or {}
+            found = recorded.get(wanted[index]) if index in wanted else None
             items = logprobs.get("token_logprobs" if self.endpoint == "completions" else "content") or []
+            count = len(items)
+            temps = self.request.temperatures(count, engine=column(found, TAU, count))
+            if driven:
+                self._write(logprobs, items, "temperatures", "temperature", temps)
+            if asked.entropy:
+                self._write(logprobs, items, "entropies", "entropy", column(found, ENTROPY, count))
+                self._write(logprobs, items, "behavior_entropies", "behavior_entropy", column(found, ENTROPY_TAU, count))
+            if not asked.targets:
+                return
             behaviour = items if self.endpoint == "completions" else [item["logprob"] for item in items]
-            temps = self.request.temperatures(len(behaviour))
             prompt_ids = choice.get("prompt_token_ids") or obj.get("prompt_token_ids") or []
             values, source = await vllm_engine.sample_targets(
                 engine, prompt_ids, choice.get("token_ids") or [], behaviour, temps, choice.get("weight_versions"),
-                recorded.get(wanted[index]) if index in wanted else None, f"http-{uuid.uuid4().hex}")
+                found, f"http-{uuid.uuid4().hex}")
             choice["target_logprobs_source"] = source
-            if self.endpoint == "completions":
-                logprobs["target_logprobs"] = values
-            else:
-                for item, value in zip(items, values):
-                    item["target_logprob"] = value
+            self._write(logprobs, items, "target_logprobs", "target_logprob", values)
 
         await asyncio.gather(*(one(choice) for choice in obj.get("choices") or ()))
-        if hide_ids:
+        if asked.hide_ids:
             obj.pop("prompt_token_ids", None)
             for choice in obj.get("choices") or ():
                 choice.pop("token_ids", None), choice.pop("prompt_token_ids", None)
+
+    def _write(self, logprobs: dict[str, Any], items: list[Any], field: str, per_token: str,
+               values: list[Any] | None) -> None:
+        """Per-token values beside the log-probs: a list in ``logprobs`` (completions), a
+        field of each token's entry (chat and the token route)."""
+        values = values if values is not None else [None] * len(items)
+        if self.endpoint == "completions":
+            logprobs[field] = values
+        else:
+            for item, value in zip(items, values):
+                item[per_token] = value
 
     def __call__(self, obj: Any) -> Any:
         if not isinstance(obj, dict) or "error" in obj:
@@ -276,16 +320,12 @@ class _Decorator:
                 choice[SCHEDULE_KEY] = self.echo
                 self.offsets[index] = 0
             logprobs = choice.get("logprobs")
-            if not logprobs:
+            if not logprobs or self.request.schedule.entropy_driven:  # those come from the engine, with the body
                 continue
             items = logprobs.get("token_logprobs" if self.endpoint == "completions" else "content") or []
-            temps = self.request.temperatures(len(items), self.offsets[index])
+            self._write(logprobs, items, "temperatures", "temperature",
+                        self.request.temperatures(len(items), self.offsets[index]))
             self.offsets[index] += len(items)
-            if self.endpoint == "completions":
-                logprobs["temperatures"] = temps
-            else:
-                for item, temp in zip(items, temps):
-                    item["temperature"] = temp
         return obj
 
 
@@ -322,8 +362,7 @@ class ScheduleMiddleware:
                 engine = state.engine
                 prepare = prepare_generate if endpoint == "generate" else prepare_request
                 request = prepare(payload, state.default_schedule())
-                wants_targets, hide_ids = (prepare_targets(payload, request, engine) if endpoint != "generate"
-                                           else (False, False))
+                asked = prepare_engine_numbers(payload, request, engine) if endpoint != "generate" else EngineNumbers()
                 if endpoint == "chat":
                     check_conversation(payload.get("messages"))
         except APIError as exc:
@@ -340,7 +379,8 @@ class ScheduleMiddleware:
         async with self.gate.reading() as version:
             with recording_calls() as calls:
                 decorate = _Decorator(endpoint, request, version, n, calls)
-                finish = partial(decorate.add_targets, engine=engine, hide_ids=hide_ids) if wants_targets else None
+                finish = (partial(decorate.add_engine_numbers, engine=engine, asked=asked)
+                          if asked.targets or asked.entropy or asked.recorded else None)
                 await self.app(scope, replay_body(body, receive), _decorating_send(send, decorate, finish))
 
 

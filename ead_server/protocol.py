@@ -44,6 +44,9 @@ class RolloutRequest(_Request):
     temperature_schedule: Annotated[TemperatureSchedule | None, SkipValidation] = None
     return_target_logprobs: bool = Field(
         False, description="also return log-probs of the generated tokens at temperature 1, no truncation")
+    return_entropy: bool = Field(
+        False, description="also return each token's entropy at temperature 1 and at its sampling temperature, from "
+                           "the sampling pass (needs a temperature_schedule, and no top_p or top_k)")
 
     @model_validator(mode="after")
     def _one_source(self) -> RolloutRequest:
@@ -82,6 +85,12 @@ class Rollout(BaseModel):
         None, description="'sampling': computed in the sampling pass itself (no extra cost, exact across weight "
                           "changes); 'scoring': a second pass, used when top-k, top-p, min-p, penalties or other "
                           "logit changes make the in-pass formula inexact")
+    entropies: list[float | None] | None = Field(
+        None, description="with return_entropy: the entropy (nats) of each token's distribution at temperature 1, "
+                          "softmax(h); null for a row of NaN logits")
+    behavior_entropies: list[float | None] | None = Field(
+        None, description="with return_entropy: the entropy (nats) of the distribution each token was sampled from, "
+                          "softmax(h / tau)")
     weight_versions: list[VersionSpan] | None = Field(
         None, description="which weights produced which tokens, first token first (one span unless the weights "
                           "changed during the rollout)")

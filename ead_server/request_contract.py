@@ -23,6 +23,11 @@ What a generating route does, and all it has to do:
    schedule with :attr:`Request.echo`, and the body's weight version with
    :func:`response_version`.
 
+An *entropy-driven* schedule (and ``return_entropy``) needs the engine's own per-token
+numbers back: :func:`engine_numbers_needed` says whether a request needs them and refuses
+it (400) where they cannot come back; a route that never brings them back refuses such a
+schedule with :func:`refuse_engine_numbers`.
+
 A new route writes only its own request and response shapes around these calls.
 """
 
@@ -37,9 +42,10 @@ from ead_server.errors import APIError
 from ead_server.schedule import ResolvedSchedule, ScheduleError, parse_schedule, spec_from_text
 
 __all__ = [
-    "DEFAULT_MAX_TOKENS", "DEFAULT_SCHEDULE_ENV", "DEFAULT_TEMPERATURE", "NEUTRAL_SAMPLING", "SCHEDULE_KEY", "STEP_FROM_WEIGHTS", "TARGET_KEY",
+    "DEFAULT_MAX_TOKENS", "DEFAULT_SCHEDULE_ENV", "DEFAULT_TEMPERATURE", "ENTROPY_FIELD", "NEUTRAL_SAMPLING", "SCHEDULE_KEY", "STEP_FROM_WEIGHTS", "TARGET_KEY",
     "DefaultSchedule", "Request",
-    "check_temperature", "default_applies", "eligible_for_in_pass", "in_pass_possible", "new_target_id",
+    "check_temperature", "default_applies", "eligible_for_in_pass", "engine_numbers_needed", "in_pass_possible",
+    "new_target_id", "refuse_engine_numbers",
     "prompt_target_id", "read_request", "resolve_schedule", "response_version", "sample_target_ids", "wants_in_pass",
 ]
 
@@ -177,16 +183,22 @@ class Request:
             return dict(extra) if extra else None
         return {**(extra or {}), SCHEDULE_KEY: self.schedule.wire}
 
-    def temperatures(self, count: int, start: int = 0) -> list[float]:
+    def temperatures(self, count: int, start: int = 0, engine: list[float | None] | None = None) -> list[float]:
         """The temperatures tokens ``start`` to ``start + count`` were sampled at: the
         schedule's formula of ``t``, exactly as the kernel computes it, or the fixed one.
+        An entropy-driven schedule's come from the engine (``engine``: the temperatures it
+        recorded for the tokens), which the host cannot recompute.
 
-        The one place responses take temperatures from: a schedule type whose values
-        only the engine knows would hand them in here.
+        The one place responses take temperatures from.
         """
         if self.schedule is None:
             return [self.temperature] * count
-        return [self.schedule.temperature(t) for t in range(start, start + count)]
+        if not self.schedule.entropy_driven:
+            return [self.schedule.temperature(t) for t in range(start, start + count)]
+        if engine is None or len(engine) < count or any(value is None for value in engine[:count]):
+            raise APIError(500, "the engine did not report the temperatures of this entropy-driven schedule; the "
+                                "request was served, but its temperatures are unknown")
+        return [float(value) for value in engine[:count]]  # type: ignore[arg-type]
 
 
 def read_request(spellings: Iterable[tuple[str, Any]], temperature: float | None,
@@ -256,6 +268,63 @@ def wants_in_pass(request: Request, engine: Any) -> bool:
     only scheduled requests pass through it, on an engine that can hand them back. The
     processor records only rows :func:`eligible_for_in_pass`; anything else is scored."""
     return request.schedule is not None and in_pass_possible(engine)
+
+
+ENTROPY_FIELD = "return_entropy"
+"""The request field asking for each token's entropies (at temperature 1 and sampled)."""
+
+_LOGIT_CHANGES = ("logit_bias", "allowed_token_ids", "bad_words", "min_tokens", "response_format",
+                  "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+"""Request fields (OpenAI routes and ``/v1/rollouts``) that change logits besides the
+schedule; with them set, the in-pass numbers are not the sampled distribution's."""
+
+
+def engine_numbers_needed(request: Request, fields: Mapping[str, Any], engine: Any, *, entropy: bool = False,
+                          stream: bool = False) -> bool:
+    """Whether a request needs the engine's per-token numbers back (an entropy-driven
+    schedule, or ``entropy`` asked), raising a 400 where they cannot come back.
+
+    They come from the sampling pass (``ead_server.vllm_adapter.targets``), which records
+    them only where nothing but the schedule shapes the distribution, so the behaviour
+    entropy is that of the distribution sampled from: no truncation, penalties or other
+    logit changes (``fields``: the sampling fields the request set), no stream, one
+    data-parallel rank and no speculative decoding.
+    """
+    driven = request.schedule is not None and request.schedule.entropy_driven
+    if not (driven or entropy):
+        return False
+    if request.schedule is None:
+        raise APIError(400, f"{ENTROPY_FIELD} takes the entropies from the schedule's sampling pass: give a "
+                            f"temperature_schedule (for a fixed temperature, {{\"type\": \"constant\", \"tau\": T}})",
+                       ENTROPY_FIELD)
+    what, param = ("an entropy-driven temperature_schedule", SCHEDULE_KEY) if driven else (ENTROPY_FIELD, ENTROPY_FIELD)
+    why = (f"{what} needs each token's numbers from the engine's sampling pass "
+           f"(the host cannot recompute them)")
+    if stream:
+        raise APIError(400, f"{why}, which come back with the whole response: use stream=false or /v1/rollouts",
+                       "stream")
+    if not in_pass_possible(engine):
+        raise APIError(400, f"{why}, which come back from one data-parallel rank without speculative decoding only",
+                       param)
+    for key, neutral in NEUTRAL_SAMPLING.items():
+        value = fields.get(key)
+        if value is not None and value != neutral and not (key == "top_k" and value == -1):
+            raise APIError(400, f"{why}, which are taken where nothing but the schedule shapes the distribution: "
+                                f"leave {key} unset", key)
+    for key in _LOGIT_CHANGES:
+        value = fields.get(key)
+        if value and not (key == "response_format" and isinstance(value, dict) and value.get("type") == "text"):
+            raise APIError(400, f"{why}, which are taken where nothing but the schedule shapes the distribution: "
+                                f"{key} changes the logits", key)
+    return True
+
+
+def refuse_engine_numbers(request: Request, route: str, param: str) -> None:
+    """A 400 for an entropy-driven schedule on a route that cannot bring the engine's
+    per-token numbers back (its temperatures would be unknown)."""
+    if request.schedule is not None and request.schedule.entropy_driven:
+        raise APIError(400, f"{route} cannot report the temperatures of an entropy-driven schedule (only the engine "
+                            f"knows them): use /v1/rollouts, /v1/completions or /v1/chat/completions", param)
 
 
 def eligible_for_in_pass(params: Any) -> bool:

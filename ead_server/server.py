@@ -31,6 +31,8 @@ from ead_server.openai_middleware import REQUESTS, ScheduleMiddleware
 from ead_server.openapi_schema import document_schedule
 from ead_server.protocol import Rollout, RolloutRequest, RolloutResponse
 from ead_server.vllm_adapter import engine as vllm_engine
+from ead_server.vllm_adapter.targets import ENTROPY, ENTROPY_TAU, TAU
+from ead_server.vllm_adapter.targets import recorded_column as column
 from ead_server.weight_gate import WeightGate
 
 
@@ -84,8 +86,10 @@ async def rollouts(body: RolloutRequest, state: AppState = Depends(get_state)) -
     # The checks /v1/completions makes, in its order: the contract's, then vLLM's.
     request = contract.read_request([(contract.SCHEDULE_KEY, body.temperature_schedule)], body.temperature,
                                     state.default_schedule())
-    base = contract.new_target_id() if body.return_target_logprobs and contract.wants_in_pass(request, state.engine) \
-        else None
+    engine_numbers = contract.engine_numbers_needed(request, {"top_p": body.top_p, "top_k": body.top_k}, state.engine,
+                                                    entropy=body.return_entropy)
+    in_pass = engine_numbers or (body.return_target_logprobs and contract.wants_in_pass(request, state.engine))
+    base = contract.new_target_id() if in_pass else None
     target_ids = [contract.prompt_target_id(base, i) if base else None for i in range(count)]
     params = [vllm_engine.rollout_params(request, n=body.n, max_tokens=body.max_tokens, stop=body.stop, seed=seed,
                                          top_p=body.top_p, top_k=body.top_k, ignore_eos=body.ignore_eos,
@@ -130,17 +134,21 @@ async def _rollouts_for_prompt(
     request_id = f"rollout-{uuid.uuid4().hex}"
     output = await vllm_engine.generate(engine, prompt_ids, params, request_id)
     completions = sorted(output.outputs, key=lambda c: c.index)
-    temperatures = [request.temperatures(len(c.token_ids)) for c in completions]
+    recorded = await vllm_engine.recorded_numbers(engine, target_id, body.n, [c.index for c in completions])
+    temperatures = [request.temperatures(len(c.token_ids), engine=column(found, TAU, len(c.token_ids)))
+                    for c, found in zip(completions, recorded)]
     targets: list[tuple[list[float | None] | None, str | None]] = [(None, None)] * len(completions)
     if body.return_target_logprobs:
         targets = await vllm_engine.completion_targets(engine, prompt_ids, completions, temperatures, request_id,
-                                                       body.n, target_id)
+                                                       recorded)
     return [
         Rollout(
             prompt_index=index, sample_index=c.index, prompt_token_ids=prompt_ids, token_ids=list(c.token_ids),
             text=c.text, finish_reason=c.finish_reason, behavior_logprobs=vllm_engine.completion_logprobs(c),
             temperatures=temps, target_logprobs=target, target_logprobs_source=source,
+            entropies=column(found, ENTROPY, len(c.token_ids)) if body.return_entropy else None,
+            behavior_entropies=column(found, ENTROPY_TAU, len(c.token_ids)) if body.return_entropy else None,
             weight_versions=vllm_engine.version_spans(c),
         )
-        for c, temps, (target, source) in zip(completions, temperatures, targets)
+        for c, temps, (target, source), found in zip(completions, temperatures, targets, recorded)
     ]

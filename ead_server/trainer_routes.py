@@ -246,6 +246,7 @@ async def sglang_generate(body: SGLangGenerate, state: AppState = Depends(get_st
     field = f"sampling_params.custom_params.{contract.SCHEDULE_KEY}"
     request = contract.read_request([(field, (sp.custom_params or {}).get(contract.SCHEDULE_KEY))], sp.temperature,
                                     state.default_schedule())
+    contract.refuse_engine_numbers(request, "SGLang's /generate", field)
     tokenizer = state.engine.get_tokenizer()
     prompt_ids = list(body.input_ids) if body.input_ids is not None else tokenizer.encode(body.text)
     max_tokens = sp.max_new_tokens if sp.max_new_tokens is not None else 128

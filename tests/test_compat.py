@@ -58,7 +58,7 @@ def _params(schedule=None, temperature: float = 1.0) -> SamplingParams:
 
 def _config(logprobs_mode: str = "processed_logprobs") -> SimpleNamespace:
     return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=MAX), speculative_config=None,
-                           model_config=SimpleNamespace(logprobs_mode=logprobs_mode))
+                           model_config=SimpleNamespace(logprobs_mode=logprobs_mode, max_model_len=1024))
 
 
 @pytest.fixture

@@ -34,8 +34,12 @@ SCHEDULES = [None, {"type": "ead", "warmup": 1, "decay": 3}, {"type": "reverse",
 
 
 def _processor() -> EADLogitsProcessor:
-    config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=MAX_ROWS))
-    return EADLogitsProcessor(config, torch.device("cpu"), is_pin_memory=False)
+    return EADLogitsProcessor(_config(MAX_ROWS), torch.device("cpu"), is_pin_memory=False)
+
+
+def _config(rows: int) -> SimpleNamespace:
+    return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=rows),
+                           model_config=SimpleNamespace(max_model_len=1024))
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -80,7 +84,7 @@ def test_rows_follow_their_requests_through_random_batch_updates(seed):
 
 
 def test_a_second_instance_for_the_same_engine_is_inert():
-    config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4))
+    config = _config(4)
     first = EADLogitsProcessor(config, torch.device("cpu"), False)
     second = EADLogitsProcessor(config, torch.device("cpu"), False)
     params = SamplingParams(temperature=1.0, extra_args={"temperature_schedule": {"type": "constant", "tau": 0.5}})
@@ -92,9 +96,9 @@ def test_a_second_instance_for_the_same_engine_is_inert():
 
 
 def test_in_pass_target_numbers_are_recorded_on_the_device_and_collected_once():
-    """A row that asks (``ead_target_id``) records lse(h) before and lse(h / tau) after the
-    rescale; a row that also sets top-k does not (the formula would be inexact); values
-    nobody collects expire."""
+    """A row that asks (``ead_target_id``) records lse(h) and H(h) before and lse(h / tau),
+    H(h / tau) and tau after the rescale; a row that also sets top-k does not (the formula
+    would be inexact); values nobody collects expire."""
     from ead_server.vllm_adapter import targets
 
     targets.STORE.collect(["a", "b"])  # nothing left over from other tests
@@ -110,14 +114,18 @@ def test_in_pass_target_numbers_are_recorded_on_the_device_and_collected_once():
     out = proc.apply(logits.clone())
     got = targets.STORE.collect(["a", "b"])
     assert set(got["a"]) == {2} and got["b"] == {}  # position t = 2 (two tokens generated)
-    lse_raw, lse_tau = got["a"][2]
+    lse_raw, entropy, lse_tau, entropy_tau, tau = got["a"][2]
     assert lse_raw == pytest.approx(raw[0].item(), abs=1e-6)
     assert lse_tau == pytest.approx(torch.logsumexp(out[0], -1).item(), abs=1e-6)
+    for row, value in ((logits[0], entropy), (out[0], entropy_tau)):
+        p = torch.softmax(row.double(), -1)
+        assert value == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
+    assert tau == 0.5
     assert targets.STORE.collect(["a"]) == {"a": {}}  # collected once
     # The identity the server inverts: log softmax(h)[y] = tau * (b + lse(h / tau)) - lse(h).
     y = 3
     b = torch.log_softmax(out[0], -1)[y].item()
-    assert targets.targets_from({0: (lse_raw, lse_tau)}, [b], [0.5])[0] == pytest.approx(
+    assert targets.targets_from({0: got["a"][2]}, [b], [0.5])[0] == pytest.approx(
         torch.log_softmax(logits[0], -1)[y].item(), abs=1e-5)
     now = [0.0]
     store = targets.TargetStore(ttl_s=0.2, clock=lambda: now[0])

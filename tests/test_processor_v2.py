@@ -73,7 +73,8 @@ def _req_states() -> LogitsProcRequestState:
 
 
 def _config() -> SimpleNamespace:
-    return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=MAX_SLOTS), speculative_config=None)
+    return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=MAX_SLOTS), speculative_config=None,
+                           model_config=SimpleNamespace(max_model_len=1024))
 
 
 def _params(schedule: dict | None, temperature: float = 1.0) -> SamplingParams:
@@ -234,7 +235,7 @@ def test_a_refill_over_generated_tokens_keeps_their_in_pass_numbers():
     assert sorted(recorded) == list(range(15))
     # Preempted and prefilled again (prompt + 15 generated) under new weights, in 3 chunks.
     for t in range(15):
-        targets.STORE.record(["r"], [t], torch.tensor([recorded[t]]))  # as yet uncollected
+        targets.STORE.record(["r"], [t], torch.tensor([recorded[t]], dtype=torch.float64))  # as yet uncollected
     states.prefill_len.np[3] = 7 + 15
     proc.add_request(3, asks)
     proc.apply_staged_writes()
@@ -245,7 +246,7 @@ def test_a_refill_over_generated_tokens_keeps_their_in_pass_numbers():
     assert sorted(after) == list(range(16))
     assert all(after[t] == recorded[t] for t in range(15))  # the old weights' numbers, untouched
     lse = torch.logsumexp(new[0].double(), -1).item()
-    assert after[15][0] == pytest.approx(lse, rel=1e-6)  # t = 15: sampled by the new weights
+    assert after[15][targets.LSE] == pytest.approx(lse, rel=1e-6)  # t = 15: sampled by the new weights
 
 
 def test_a_reused_slot_forgets_its_previous_request(kernel_path):

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.engine
 
 KEY = "test-admin-key"
 SCHEDULE = {"type": "ead", "warmup": 2, "decay": 5, "tau_min": 0.4}
+# Two of the rollouts: an anneal still running when the weights switch (the tiny model's entropies are
+# about 5 nats), so a restarted or recomputed clock would show.
+CLOCKED = {"type": "ead", "warmup": 2, "decay": 100, "tau_min": 0.4, "clock": "entropy", "h_ref": 5.0}
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -169,16 +172,21 @@ class TestUntied:
         assert 8 <= switch < len(stream["token_ids"]) and spans[1]["start"] == switch
         _assert_spans_exact({old_version: base / old, old_version + 1: base / new}, stream["prompt_token_ids"],
                             stream["token_ids"], stream["logprobs"], spans)
-        switched = 0
+        switched = clocked = 0
+        models = {old_version: base / old, old_version + 1: base / new}
         for result in rollouts:
             for r in result["rollouts"]:
                 versions = [s["version"] for s in r["weight_versions"]]
                 assert versions in ([old_version], [old_version + 1], [old_version, old_version + 1]), versions
                 switched += len(versions) == 2
-                _assert_spans_exact({old_version: base / old, old_version + 1: base / new}, r["prompt_token_ids"],
-                                    r["token_ids"], r["behavior_logprobs"], r["weight_versions"], r["temperatures"])
+                _assert_spans_exact(models, r["prompt_token_ids"], r["token_ids"], r["behavior_logprobs"],
+                                    r["weight_versions"], r["temperatures"])
                 assert result["weight_version"] <= versions[0]
+                if r["entropies"] is not None:
+                    clocked += len(versions) == 2
+                    _assert_clock_continues(models, r)
         assert switched > 0, "no rollout was in flight across the switch"
+        assert clocked > 0, "no entropy-clock rollout was in flight across the switch"
 
     def test_abort_reload_ends_requests_with_their_tokens(self, server, root):
         base = root[0]
@@ -308,6 +316,24 @@ def _assert_spans_exact(models, prompt_ids, token_ids, logprobs, spans, temperat
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5, msg=f"version {span['version']}")
 
 
+def _assert_clock_continues(models, r):
+    """An entropy-clock rollout across a ``keep`` reload (its request preempted and prefilled
+    again under the new weights): each token's entropy is that of the weights its span
+    names, and each temperature the schedule's at the sum of all earlier tokens' entropies
+    -- the old weights' before the switch, never recomputed, never restarted."""
+    entropies = torch.zeros(len(r["token_ids"]), dtype=torch.float64)
+    for span in r["weight_versions"]:
+        h = completion_logits(models[span["version"]], r["prompt_token_ids"], r["token_ids"])[span["start"]:span["end"]]
+        p = torch.softmax(h.double(), -1)
+        entropies[span["start"]:span["end"]] = -(p * torch.log(p)).nan_to_num().sum(-1)
+    torch.testing.assert_close(torch.tensor(r["entropies"], dtype=torch.float64), entropies, atol=1e-4, rtol=1e-4)
+    resolved = parse_schedule(CLOCKED)
+    clocks = torch.cat([torch.zeros(1, dtype=torch.float64), entropies.cumsum(0)[:-1]])
+    want = [resolved.temperature(t, clock=float(clocks[t])) for t in range(len(entropies))]
+    torch.testing.assert_close(torch.tensor(r["temperatures"], dtype=torch.float64),
+                               torch.tensor(want, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+
+
 async def _reload_during_traffic(server, path, mode, *, after_tokens, rollouts=8):
     """A long streamed completion (ignore_eos) and ``rollouts`` concurrent n=4 rollouts
     (which also keep the tiny model's steps slow enough for the reload to land mid-stream);
@@ -315,7 +341,7 @@ async def _reload_during_traffic(server, path, mode, *, after_tokens, rollouts=8
     async with httpx.AsyncClient(timeout=600) as http:
         async def one(i: int) -> dict:
             body = {"prompts": [f"q{i} "], "n": 4, "max_tokens": 600, "seed": 50 + i, "ignore_eos": True,
-                    "temperature_schedule": SCHEDULE}
+                    "temperature_schedule": SCHEDULE if i >= 2 else CLOCKED, "return_entropy": i < 2}
             response = await http.post(f"{server.url}/v1/rollouts", json=body)
             assert response.status_code == 200, response.text
             return response.json()

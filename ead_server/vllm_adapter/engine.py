@@ -18,7 +18,7 @@ from ead_server.errors import APIError
 from ead_server.vllm_adapter import targets
 from ead_server.weight_gate import parse_tag
 
-__all__ = ["LOGPROBS_MODE", "EngineCall", "completion_logprobs", "completion_targets", "context_length",
+__all__ = ["LOGPROBS_MODE", "EngineCall", "completion_logprobs", "completion_targets", "context_length", "recorded_numbers",
            "finish_transfer", "generate", "load_weights", "pause", "recording_calls", "reset_cache", "resume",
            "rl_router", "rl_start_weight_update", "rl_update_weights", "rl_weight_checker", "rollout_params",
            "sample_targets", "sampling_params", "server_info_router",
@@ -103,26 +103,32 @@ async def target_logprobs(
     return [step[token].logprob for step, token in zip(steps, token_ids)], (spans[0]["version"] if spans else None)
 
 
+async def recorded_numbers(engine: Any, target_id: str | None, n: int, indices: list[int]) -> list[targets.Recorded | None]:
+    """The in-pass numbers the samples ``indices`` of one prompt's request recorded under
+    ``target_id`` (collected, and so forgotten by the engine), ``None`` where none."""
+    if target_id is None:
+        return [None] * len(indices)
+    ids = contract.sample_target_ids(target_id, n)
+    found = await targets.collect(engine, [ids[i] for i in indices if i < len(ids)])
+    return [found.get(ids[i]) if i < len(ids) else None for i in indices]
+
+
 async def completion_targets(
     engine: Any, prompt_ids: list[int], completions: list[Any], temperatures: list[list[float]], request_id: str,
-    n: int, target_id: str | None,
+    recorded: list[targets.Recorded | None],
 ) -> list[tuple[list[float | None], str]]:
-    """Each completion's target log-probs and where they came from (:func:`sample_targets`);
-    in-pass numbers were asked under ``target_id``, if any."""
-    in_pass = target_id is not None
-    ids = contract.sample_target_ids(target_id, n) if in_pass else []
-    recorded = await targets.collect(engine, ids) if in_pass else {}
+    """Each completion's target log-probs and where they came from (:func:`sample_targets`),
+    given its recorded in-pass numbers (:func:`recorded_numbers`)."""
     return list(await asyncio.gather(*(
-        sample_targets(engine, prompt_ids, list(c.token_ids), completion_logprobs(c), temps, version_spans(c),
-                       recorded.get(ids[c.index]) if in_pass and c.index < len(ids) else None,
+        sample_targets(engine, prompt_ids, list(c.token_ids), completion_logprobs(c), temps, version_spans(c), found,
                        f"{request_id}-{c.index}")
-        for c, temps in zip(completions, temperatures)
+        for c, temps, found in zip(completions, temperatures, recorded)
     )))
 
 
 async def sample_targets(
     engine: Any, prompt_ids: list[int], token_ids: list[int], behaviour: list[float], temperatures: list[float],
-    spans: list[dict[str, Any]] | None, recorded: dict[int, tuple[float, float]] | None, request_id: str,
+    spans: list[dict[str, Any]] | None, recorded: targets.Recorded | None, request_id: str,
 ) -> tuple[list[float | None], str]:
     """One sample's target log-probs and where they came from: ``"sampling"`` (the
     processor's in-pass numbers, exact across weight changes, since the same step made

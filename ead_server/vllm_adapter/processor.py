@@ -47,8 +47,11 @@ import numpy as np
 import torch
 from vllm.exceptions import VLLMValidationError
 
-from ead_kernels import KIND_NONE, KINDS, NUM_PARAMS, PARAM_COLUMNS, apply_schedule_, apply_schedule_slots_
-from ead_kernels.target_stats import scaled_with_lse
+from ead_kernels import (
+    KIND_NONE, KINDS, NUM_PARAMS, PARAM_COLUMNS, apply_schedule_, apply_schedule_slots_, schedule_temperatures,
+    slot_positions,
+)
+from ead_kernels.target_stats import row_stats
 from ead_server.errors import APIError
 from ead_server.request_contract import (
     DEFAULT_SCHEDULE_ENV, SCHEDULE_KEY, TARGET_KEY, DefaultSchedule, check_temperature, default_applies,
@@ -56,6 +59,7 @@ from ead_server.request_contract import (
 )
 from ead_server.schedule import ResolvedSchedule
 from ead_server.vllm_adapter.compat import BASES, V1, V2, runner_ignores_processors
+from ead_server.vllm_adapter.entropy_clock import CLOCKS
 from ead_server.vllm_adapter.targets import STORE
 
 if TYPE_CHECKING:
@@ -126,6 +130,72 @@ def _kernel_row(schedule: ResolvedSchedule) -> tuple[int, list[float]]:
     return KINDS[schedule.type], [params[name] for name in PARAM_COLUMNS]
 
 
+def _sample_key(params: SamplingParams) -> str | None:
+    """The per-sample id an entropy clock is kept under across preemption (the request
+    contract's id, whether or not the in-pass formula is exact for the request)."""
+    key = (params.extra_args or {}).get(TARGET_KEY)
+    return None if key is None else str(key)
+
+
+def _device_index(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+class _StepPlan:
+    """What one sampling step asks beyond the scale, worked out on the host from row
+    numbers alone: rows whose entropy the schedule needs (``entropy`` type), rows on an
+    entropy clock (their clock rows, positions, and whether the row samples and so
+    advances the clock) and rows recording in-pass numbers (ids, positions)."""
+
+    def __init__(self) -> None:
+        self.entropy_rows: list[int] = []
+        self.clock_rows: list[int] = []
+        self.clock_states: list[int] = []
+        self.clock_positions: list[int] = []
+        self.clock_writes: list[int] = []  # indices into clock_rows of the rows that sample
+        self.target_rows: list[int] = []
+        self.target_ids: list[str] = []
+        self.target_positions: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.entropy_rows or self.clock_rows or self.target_rows)
+
+    def run(self, logits: torch.Tensor, scale: Any, temperatures: Any) -> torch.Tensor:
+        """Scale ``logits`` with the entropies and clocks the rows need, advance the clocks
+        and record the in-pass numbers; nothing is read back from the device.
+
+        ``scale(x, entropy, clock)`` runs the kernel over every row, ``temperatures(rows,
+        entropy, clock)`` gives the float64 temperatures of some rows (what the kernel
+        divided them by, before its float32 rounding).
+        """
+        device, size = logits.device, logits.shape[0]
+        raw_rows = sorted({*self.entropy_rows, *self.clock_rows, *self.target_rows})
+        where = {row: i for i, row in enumerate(raw_rows)}
+        index = _device_index(raw_rows, device)
+        raw = row_stats(logits, index)  # [n, 2]: lse(h), H(h) of the rows as given
+        entropy = torch.zeros(size, dtype=torch.float32, device=device)
+        entropy[index] = raw[:, 1]  # a NaN row's: the kernel takes it as 0
+        clock = None
+        if self.clock_rows:
+            sums, state, at = CLOCKS.read(np.asarray(self.clock_states), np.asarray(self.clock_positions))
+            rows = _device_index(self.clock_rows, device)
+            clock = torch.zeros(size, dtype=torch.float64, device=device)
+            clock[rows] = sums
+            if self.clock_writes:
+                chosen = _device_index(self.clock_writes, device)
+                advance = torch.nan_to_num(entropy[rows][chosen], nan=0.0)  # a NaN row does not move the clock
+                CLOCKS.write(state[chosen], at[chosen], sums[chosen], advance)
+        scale(logits, entropy if self.entropy_rows else None, clock)
+        if self.target_rows:
+            rows = _device_index(self.target_rows, device)
+            before = raw[_device_index([where[row] for row in self.target_rows], device)]
+            after = row_stats(logits, rows)
+            temps = temperatures(rows, entropy, clock)
+            values = torch.cat([before.double(), after.double(), temps.unsqueeze(1)], 1)
+            STORE.record(self.target_ids, self.target_positions, values)
+        return logits
+
+
 class _HostTable:
     """A per-slot table in host memory: the CPU stand-in for vLLM's ``UvaBackedTensor``
     (which needs pinned memory), with the same ``np`` / ``gpu`` / ``copy_to_uva``."""
@@ -167,6 +237,8 @@ class _SlotState:
         self.params = _slot_table((req_states.max_num_reqs, NUM_PARAMS), torch.float64, device)
         self.active = np.zeros(req_states.max_num_reqs, dtype=bool)  # host-side skip check
         self.targets: dict[int, str] = {}  # slot -> in-pass target id
+        self.entropic: set[int] = set()  # slots of the entropy type
+        self.clocks: dict[int, int] = {}  # slot -> its entropy clock's row
         self.dirty = False
 
     def add_request(self, slot: int, params: SamplingParams) -> bool:
@@ -182,6 +254,14 @@ class _SlotState:
             self.targets.pop(slot, None)
         else:
             self.targets[slot] = target
+        self.entropic.discard(slot)
+        if (previous := self.clocks.pop(slot, None)) is not None:
+            CLOCKS.close(previous)
+        if schedule is not None and schedule.type == "entropy":
+            self.entropic.add(slot)
+        if schedule is not None and schedule.clock == "entropy":
+            generated = int(self.prefill_len.np[slot]) - int(self.prompt_len.np[slot])
+            self.clocks[slot] = CLOCKS.open(_sample_key(params), generated, schedule.h_ref)
         self.dirty = True
         return schedule is not None
 
@@ -194,29 +274,50 @@ class _SlotState:
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
         if not self.active[ctx.idx_mapping_np].any():
             return logits
+        slots, prompt_len, kinds, params = ctx.expanded_idx_mapping, self.prompt_len.gpu, self.kinds.gpu, self.params.gpu
 
-        def scale(x: torch.Tensor) -> torch.Tensor:
-            return apply_schedule_slots_(x, ctx.expanded_idx_mapping, ctx.pos, self.prompt_len.gpu,
-                                         self.kinds.gpu, self.params.gpu)
+        def scale(x: torch.Tensor, entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None) -> None:
+            apply_schedule_slots_(x, slots, ctx.pos, prompt_len, kinds, params, entropy=entropy, clock=clock)
 
-        # In-pass targets need one row per request (no speculative decoding): then row i
-        # is request i, and its t is known on the host without touching the device. Only
-        # a row that samples a new token records: one whose sequence has reached the
-        # request's (re)fill length. A shorter one is a chunk of a partial prefill, whose
-        # token is discarded -- after a ``keep`` reload or a preemption, a chunk over
-        # tokens already generated, whose numbers (from new weights) must not replace
-        # those recorded when the token was sampled.
-        rows, ids, positions = [], [], []
-        if self.targets and logits.shape[0] == len(ctx.idx_mapping_np):
-            for row, slot in enumerate(ctx.idx_mapping_np.tolist()):
-                seq_len = int(ctx.seq_lens_upper_bound_np[row])
-                if slot in self.targets and seq_len >= int(self.prefill_len.np[slot]):
-                    rows.append(row), ids.append(self.targets[slot])
-                    positions.append(seq_len - int(self.prompt_len.np[slot]))
-        if not rows:
-            return scale(logits)
-        STORE.record(ids, positions, scaled_with_lse(logits, rows, scale))
-        return logits
+        def temperatures(rows: torch.Tensor, entropy: torch.Tensor, clock: torch.Tensor | None) -> torch.Tensor:
+            at = slots[rows].long()
+            return schedule_temperatures(slot_positions(slots[rows], ctx.pos[rows], prompt_len), kinds[at], params[at],
+                                         entropy=entropy[rows], clock=None if clock is None else clock[rows])
+
+        plan = self._plan(ctx, logits.shape[0])
+        if not plan:
+            scale(logits)
+            return logits
+        return plan.run(logits, scale, temperatures)
+
+    def _plan(self, ctx: LogitsContext, size: int) -> _StepPlan:
+        """The step's entropy, clock and in-pass rows, from the host's copies alone.
+
+        They need one row per request (no speculative decoding): then row i is request i,
+        and its t is known on the host. Only a row that samples a new token records or
+        advances its clock: one whose sequence has reached the request's (re)fill length.
+        A shorter one is a chunk of a partial prefill, whose token is discarded -- after a
+        ``keep`` reload or a preemption, a chunk over tokens already generated, whose
+        numbers (from new weights) must not replace those of the step that sampled them.
+        """
+        plan = _StepPlan()
+        if not (self.targets or self.entropic or self.clocks) or size != len(ctx.idx_mapping_np):
+            return plan
+        for row, slot in enumerate(ctx.idx_mapping_np.tolist()):
+            seq_len = int(ctx.seq_lens_upper_bound_np[row])
+            t = max(seq_len - int(self.prompt_len.np[slot]), 0)
+            samples = seq_len >= int(self.prefill_len.np[slot])
+            if slot in self.entropic:
+                plan.entropy_rows.append(row)
+            if slot in self.clocks:
+                if samples:
+                    plan.clock_writes.append(len(plan.clock_rows))
+                plan.clock_rows.append(row), plan.clock_states.append(self.clocks[slot])
+                plan.clock_positions.append(t)
+            if slot in self.targets and samples:
+                plan.target_rows.append(row), plan.target_ids.append(self.targets[slot])
+                plan.target_positions.append(t)
+        return plan
 
 
 class _RowState:
@@ -242,6 +343,8 @@ class _RowState:
         self.kinds, self.params, self.positions = copy(self.kinds_cpu), copy(self.params_cpu), copy(self.positions_cpu)
         self.outputs: dict[int, list[int]] = {}  # row -> live output-token list, scheduled rows only
         self.targets: dict[int, str] = {}  # row -> in-pass target id
+        self.entropic: dict[int, bool] = {}  # rows of the entropy type
+        self.clocks: dict[int, int] = {}  # row -> its entropy clock's row
 
     def update(self, batch_update: BatchUpdate) -> None:
         for row in batch_update.removed:
@@ -254,6 +357,10 @@ class _RowState:
                 self.outputs[row] = output_ids
                 if (target := _target_id(params, schedule)) is not None:
                     self.targets[row] = target
+                if schedule.type == "entropy":
+                    self.entropic[row] = True
+                if schedule.clock == "entropy":
+                    self.clocks[row] = CLOCKS.open(_sample_key(params), len(output_ids), schedule.h_ref)
         for a, b, direction in batch_update.moved:
             self._move(a, b, swap=direction == V1.MoveDirectionality.SWAP)
         if self.outputs and not self.on_cpu:
@@ -264,6 +371,9 @@ class _RowState:
         self.kinds_np[row] = KIND_NONE
         self.outputs.pop(row, None)
         self.targets.pop(row, None)
+        self.entropic.pop(row, None)
+        if (clock := self.clocks.pop(row, None)) is not None:
+            CLOCKS.close(clock)
 
     def _move(self, a: int, b: int, *, swap: bool) -> None:
         kinds, params = self.kinds_np, self.params_np
@@ -272,7 +382,7 @@ class _RowState:
             params[[a, b]] = params[[b, a]]
         else:  # a's request now lives in b; a is empty
             kinds[b], params[b], kinds[a] = kinds[a], params[a], KIND_NONE
-        for by_row in (self.outputs, self.targets):
+        for by_row in (self.outputs, self.targets, self.entropic, self.clocks):
             at_a, at_b = by_row.pop(a, None), by_row.pop(b, None)
             if swap and at_b is not None:
                 by_row[a] = at_b
@@ -289,15 +399,36 @@ class _RowState:
         if not self.on_cpu:
             positions.copy_(self.positions_cpu[:size], non_blocking=True)
 
-        def scale(x: torch.Tensor) -> torch.Tensor:
-            return apply_schedule_(x, positions, self.kinds[:size], self.params[:size])
+        kinds, params = self.kinds[:size], self.params[:size]
 
-        rows = sorted(row for row in self.targets if row < size)
-        if not rows:
-            return scale(logits)
-        STORE.record([self.targets[r] for r in rows], [int(self.positions_np[r]) for r in rows],
-                     scaled_with_lse(logits, rows, scale))
-        return logits
+        def scale(x: torch.Tensor, entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None) -> None:
+            apply_schedule_(x, positions, kinds, params, entropy=entropy, clock=clock)
+
+        def temperatures(rows: torch.Tensor, entropy: torch.Tensor, clock: torch.Tensor | None) -> torch.Tensor:
+            return schedule_temperatures(positions[rows], kinds[rows], params[rows], entropy=entropy[rows],
+                                         clock=None if clock is None else clock[rows])
+
+        plan = self._plan(size)
+        if not plan:
+            scale(logits)
+            return logits
+        return plan.run(logits, scale, temperatures)
+
+    def _plan(self, size: int) -> _StepPlan:
+        """The step's entropy, clock and in-pass rows. Every row writes: V1 samples each
+        scheduled row at ``t = len(outputs)``, and a partial prefill's row (whose token is
+        discarded) is followed by the row that samples the same ``t``, whose write wins."""
+        plan = _StepPlan()
+        for row in sorted(row for row in {*self.targets, *self.entropic, *self.clocks} if row < size):
+            t = int(self.positions_np[row])
+            if row in self.entropic:
+                plan.entropy_rows.append(row)
+            if row in self.clocks:
+                plan.clock_writes.append(len(plan.clock_rows))
+                plan.clock_rows.append(row), plan.clock_states.append(self.clocks[row]), plan.clock_positions.append(t)
+            if row in self.targets:
+                plan.target_rows.append(row), plan.target_ids.append(self.targets[row]), plan.target_positions.append(t)
+        return plan
 
 
 class EADLogitsProcessor(*BASES):
@@ -342,11 +473,14 @@ class EADLogitsProcessor(*BASES):
         self._rows: _RowState | None = None
         if V2 is not None and isinstance(device, V2.LogitsProcRequestState):
             req_states, device = device, None
+        max_reqs = req_states.max_num_reqs if req_states is not None else vllm_config.scheduler_config.max_num_seqs
+        where = torch.device(req_states.device if req_states is not None else device or "cpu")
+        if not self._duplicate:
+            CLOCKS.configure(where, vllm_config.model_config.max_model_len, max_reqs)
         if req_states is not None:
             self._slots = _SlotState(req_states, default)
         else:
-            self._rows = _RowState(vllm_config.scheduler_config.max_num_seqs, torch.device(device or "cpu"),
-                                   is_pin_memory, default)
+            self._rows = _RowState(max_reqs, where, is_pin_memory, default)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:

@@ -1,4 +1,5 @@
-"""Target log-probs from the sampling pass itself, with no second (scoring) pass.
+"""Target log-probs, entropies and temperatures from the sampling pass itself, with no
+second (scoring) pass.
 
 While the processor rescales a row ``h -> h / tau`` it can also take two numbers, ``lse(h)``
 and ``lse(h / tau)``. vLLM then returns the behaviour log-prob ``b = h[y] / tau -
@@ -17,8 +18,10 @@ How the numbers travel, through vLLM's own mechanisms only:
   id scheme) in ``SamplingParams.extra_args``; vLLM gives the ``n > 1`` samples of a
   request their parent's ``extra_args``, so the seed patch (:mod:`.seeds`) gives each
   child its sample id;
-* the processor, in the worker process, records each step's two numbers per asking row
-  in :data:`STORE`, on the device (no per-step copy to the host, no sync);
+* the processor, in the worker process, records each step's numbers per asking row in
+  :data:`STORE`, on the device (no per-step copy to the host, no sync): the :data:`VALUES`
+  ``lse(h)``, ``H(h)``, ``lse(h / tau)``, ``H(h / tau)`` and ``tau`` itself, which the host
+  cannot recompute for an entropy-driven schedule;
 * the server collects them once the request is done with
   ``engine.collective_rpc("ead_collect_targets", args=(ids,))``, a worker method this
   module adds to vLLM's workers as a ``vllm.general_plugins`` entry point (so users keep
@@ -42,15 +45,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["STORE", "TargetStore", "collect", "register", "targets_from"]
+__all__ = ["STORE", "VALUES", "Recorded", "TargetStore", "collect", "recorded_column", "register", "targets_from"]
 
 COLLECT_METHOD = "ead_collect_targets"
+
+VALUES = ("lse", "entropy", "lse_tau", "entropy_tau", "tau")
+"""What a row records, in order: ``lse(h)`` and ``H(softmax(h))`` before the scale,
+``lse(h / tau)`` and the behaviour entropy ``H(softmax(h / tau))`` after it, and the
+float64 temperature ``tau`` the kernel divided by (before its float32 rounding)."""
+LSE, ENTROPY, LSE_TAU, ENTROPY_TAU, TAU = range(len(VALUES))
+
+Recorded = dict[int, tuple[float, ...]]
+"""One sample's recorded :data:`VALUES`, by position."""
 
 
 @dataclass(eq=False)
 class _Step:
-    """One sampling step's numbers for the rows that asked: ``values[i] = (lse(h),
-    lse(h / tau))`` of token ``positions[i]`` of request ``ids[i]`` (device tensor)."""
+    """One sampling step's numbers for the rows that asked: ``values[i]`` (the
+    :data:`VALUES`) of token ``positions[i]`` of request ``ids[i]`` (device tensor)."""
 
     ids: list[str]
     positions: list[int]
@@ -90,15 +102,14 @@ class TargetStore:
             self._rows.setdefault(request, []).append((step, row))
         self._expire()
 
-    def collect(self, wanted: list[str]) -> dict[str, dict[int, tuple[float, float]]]:
+    def collect(self, wanted: list[str]) -> dict[str, Recorded]:
         """The recorded numbers of ``wanted`` ids, by position (a later step wins: a
         preempted request samples its position again), and forget them."""
-        out: dict[str, dict[int, tuple[float, float]]] = {}
+        out: dict[str, Recorded] = {}
         for request in wanted:
             values = out.setdefault(request, {})
             for step, row in self._rows.pop(request, ()):
-                lse_raw, lse_tau = step.host()[row]
-                values[step.positions[row]] = (lse_raw, lse_tau)
+                values[step.positions[row]] = tuple(step.host()[row])
                 step.pending -= 1
         self._expire()
         return out
@@ -124,7 +135,7 @@ STORE = TargetStore()
 class _Batch:
     def __init__(self, engine: Any) -> None:
         self.ids: list[str] = []
-        self.answer: asyncio.Future[dict[str, dict[int, tuple[float, float]]]] = (
+        self.answer: asyncio.Future[dict[str, Recorded]] = (
             asyncio.get_running_loop().create_future())
         # A task starts after the callbacks already due in this turn of the loop: the
         # requests woken by the same engine step join the batch before it is sent.
@@ -146,7 +157,7 @@ class _Batch:
 _batches: dict[int, _Batch] = {}  # id(engine) -> the collection being gathered for it
 
 
-async def collect(engine: Any, ids: list[str]) -> dict[str, dict[int, tuple[float, float]]]:
+async def collect(engine: Any, ids: list[str]) -> dict[str, Recorded]:
     """The recorded numbers of ``ids`` from the engine's (first) worker, forgotten there.
 
     Why batched: a ``collective_rpc`` is a round trip through the engine's busy loop, which
@@ -162,18 +173,28 @@ async def collect(engine: Any, ids: list[str]) -> dict[str, dict[int, tuple[floa
     return {i: answer.get(i, {}) for i in ids}
 
 
-def targets_from(values: dict[int, tuple[float, float]], behaviour: list[float],
-                 temperatures: list[float]) -> list[float] | None:
+def recorded_column(values: Recorded | None, column: int, count: int) -> list[float | None] | None:
+    """One of the :data:`VALUES` for tokens ``0 .. count - 1``, ``None`` for a ``NaN``
+    (a row of ``NaN`` logits), or ``None`` as a whole if a position is missing."""
+    if values is None or any(t not in values for t in range(count)):
+        return None
+    return [None if values[t][column] != values[t][column] else values[t][column] for t in range(count)]
+
+
+def targets_from(values: Recorded, behaviour: list[float], temperatures: list[float]) -> list[float] | None:
     """Target log-probs of one completion from its recorded numbers, or ``None`` if a
     position is missing (then the caller scores instead)."""
     if any(t not in values for t in range(len(behaviour))):
         return None
-    lse = np.array([values[t] for t in range(len(behaviour))], dtype=np.float64).reshape(-1, 2)
+    lse = np.array([values[t] for t in range(len(behaviour))], dtype=np.float64).reshape(-1, len(VALUES))
     tau = np.asarray(temperatures, dtype=np.float32).astype(np.float64)  # the kernel divides by float32(tau)
-    return (tau * (np.asarray(behaviour, dtype=np.float64) + lse[:, 1]) - lse[:, 0]).tolist()
+    return (tau * (np.asarray(behaviour, dtype=np.float64) + lse[:, LSE_TAU]) - lse[:, LSE]).tolist()
 
 
-def _collect(worker: Any, ids: list[str]) -> dict[str, dict[int, tuple[float, float]]]:
+def _collect(worker: Any, ids: list[str]) -> dict[str, Recorded]:
+    from ead_server.vllm_adapter.entropy_clock import release
+
+    release(ids)  # collected samples are done: their entropy clocks go too
     return STORE.collect(list(ids))
 
 
