@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with an NVIDIA GPU, PyTorch and Triton, and nothing else:
 # no vLLM, pytest or pydantic, no network, no install. It runs the Triton kernel compiled
-# for the GPU against the PyTorch oracle (both vLLM runners' layouts; fp32, bf16, fp16),
-# then the kernel micro-benchmark, and prints one summary line. Results are written into
-# OUT as they come (correctness.json, target_stats.json, benchmark.txt/json, summary.txt, log.txt).
+# for the GPU against the PyTorch oracle (both vLLM runners' layouts; fp32, bf16, fp16;
+# the entropy-driven schedules too), then the kernel micro-benchmark and the entropy
+# steps beside the EAD step, and prints one summary line. Results are written into OUT as
+# they come (correctness.json, target_stats.json, benchmark.txt/json, entropy.txt/json,
+# summary.txt, log.txt).
 #
 #   scripts/gpu-check.sh OUT [--quick]      # under 4 minutes on one H200; --quick: < 1 min
 set -euo pipefail

@@ -208,3 +208,14 @@ def test_token_shares_follow_the_schedule_module() -> None:
     assert shares["cold"] > 0
     constant = token_shares(parse_schedule({"type": "constant", "tau": 0.6}), [5, 7])
     assert constant == {"tokens": 12, "warmup": 0.0, "hot": 0.0, "cold": 1.0}
+
+
+def test_token_shares_of_entropy_driven_schedules_come_from_each_sample() -> None:
+    clock = parse_schedule({"type": "ead", "clock": "entropy", "warmup": 2})
+    shares = token_shares(clock, [3, 0, 2], [[1.0, 1.0, 1.1], None, [1.0, 0.5, 9.9]])  # an empty answer: no list
+    assert shares == {"tokens": 5, "warmup": pytest.approx(4 / 5), "hot": pytest.approx(1 / 5),
+                      "cold": pytest.approx(1 / 5)}
+    entropic = token_shares(parse_schedule({"type": "entropy"}), [2], [[0.3, 1.2]])
+    assert entropic["warmup"] == 0.0 and entropic["cold"] == 0.5
+    with pytest.raises(ValueError, match="reported"):
+        token_shares(clock, [3], [None])

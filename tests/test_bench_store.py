@@ -88,6 +88,13 @@ def test_config_refuses_to_resume_with_other_settings(tmp_path: Path) -> None:
     check_config(path, stored, {**config, "model": "other"}, LOCAL_KEYS)  # the model is checked later
     with pytest.raises(ConfigMismatch, match="(?s)model.*schedules"):
         check_config(path, stored, {**config, "model": "other", "schedules": [{"label": "d"}]})
+    check_config(path, stored, {**config, "schedules": [{"label": "c"}, {"label": "d"}]})  # an arm added
+    with pytest.raises(ConfigMismatch, match="schedules"):  # a stored arm changed
+        check_config(path, stored, {**config, "schedules": [{"label": "e"}, {"label": "d"}]})
+    arms = {**config, "arms": [{"name": "a", "resolved": {"tau": 1.0}}]}
+    check_config(path, arms, {**arms, "arms": [{"name": "a", "resolved": {"tau": 1.0, "h_ref": 1.8}}]}, ("arms",))
+    with pytest.raises(ConfigMismatch, match="arms"):  # a default the stored arm ran with changed
+        check_config(path, arms, {**arms, "arms": [{"name": "a", "resolved": {"tau": 0.5}}]}, ("arms",))
 
 
 def test_cli_refuses_a_mismatching_run_before_asking_the_server(

@@ -73,6 +73,22 @@ RESUME_KEYS = ("model", "api", "dataset", "problems", "schedules", "max_tokens",
 LOCAL_KEYS = tuple(k for k in RESUME_KEYS if k not in ("model", "api"))
 
 
+_GROWING = ("schedules", "arms")
+
+
+def _differs(key: str, stored: Any, now: Any) -> bool:
+    if key in _GROWING and isinstance(stored, list) and isinstance(now, list):
+        return not all(any(_within(entry, new) for new in now) for entry in stored)
+    return stored != now
+
+
+def _within(stored: Any, now: Any) -> bool:
+    """``stored`` is ``now`` but for fields ``now`` has gained."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        return all(key in now and _within(value, now[key]) for key, value in stored.items())
+    return stored == now
+
+
 class ConfigMismatch(RuntimeError):
     """``--out`` holds a run whose samples came from other settings."""
 
@@ -81,8 +97,13 @@ def check_config(path: Path, stored: dict[str, Any] | None, config: dict[str, An
                  keys: tuple[str, ...] = RESUME_KEYS) -> None:
     """Raise :class:`ConfigMismatch`, listing the differences, when the run stored at
     ``path`` differs from ``config`` in ``keys``. Settings outside :data:`RESUME_KEYS`
-    (pool size, N values, concurrency, evaluation options) may change between runs."""
-    diffs = [k for k in keys if stored is not None and stored.get(k) != config.get(k)]
+    (pool size, N values, concurrency, evaluation options) may change between runs, and
+    schedules (``ead-bench majority``) or arms (``ead-bench rl``) may be added: a sample's
+    seed depends on its own schedule's label (:func:`request_seed`), an arm's run on its
+    seed, so what is stored stays what a run with every arm from the start would have
+    made. A stored one left out or changed is a mismatch; a field the schedule gained
+    since (a resolved schedule's new defaults) is not."""
+    diffs = [k for k in keys if stored is not None and _differs(k, stored.get(k), config.get(k))]
     if diffs:
         lines = "\n".join(
             f"  {k}: stored {json.dumps(stored.get(k))[:200]} != now {json.dumps(config.get(k))[:200]}"  # type: ignore[union-attr]

@@ -181,8 +181,9 @@ def _check_version(batch: RolloutBatch, version: int) -> None:
 
 def schedule_fields(arm: Arm, global_step: int, lengths: np.ndarray) -> dict[str, Any]:
     """Where the answers sit against the schedule of this step: its warm-up, its decay
-    ``d`` and the first token at ``tau_min`` (None for a constant schedule)."""
-    if arm.resolved.type == "constant":
+    ``d`` and the first token at ``tau_min`` (None for a constant or ``entropy`` schedule,
+    which have neither; the entropy clock's end depends on each rollout: None)."""
+    if arm.resolved.type in ("constant", "entropy"):
         return {"warmup": None, "decay": None, "anneal_end": None, "warmup_token_fraction": None,
                 "annealed_token_fraction": None}
     spec = dict(arm.spec)
@@ -192,10 +193,9 @@ def schedule_fields(arm: Arm, global_step: int, lengths: np.ndarray) -> dict[str
     end = resolved.anneal_end()
     total = float(lengths.sum())
     warm = float(np.minimum(lengths, resolved.warmup).sum())
-    annealed = float(np.clip(lengths - (end or 0), 0, None).sum()) if end is not None else 0.0
+    annealed = None if end is None else float(np.clip(lengths - end, 0, None).sum()) / total if total else 0.0
     return {"warmup": resolved.warmup, "decay": resolved.decay, "anneal_end": end,
-            "warmup_token_fraction": warm / total if total else 0.0,
-            "annealed_token_fraction": annealed / total if total else 0.0}
+            "warmup_token_fraction": warm / total if total else 0.0, "annealed_token_fraction": annealed}
 
 
 def ratio_stats(batch: RolloutBatch, old_rows: list[list[float]]) -> dict[str, float]:

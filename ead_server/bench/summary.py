@@ -36,15 +36,28 @@ SCHEMA_VERSION = 1
 WARMUP_MAJORITY = 0.5
 
 
-def token_shares(resolved: ResolvedSchedule, lengths: Sequence[int]) -> dict[str, float | int]:
+def token_shares(resolved: ResolvedSchedule, lengths: Sequence[int],
+                 temperatures: Sequence[Sequence[float] | None] | None = None) -> dict[str, float | int]:
     """Shares of all sampled tokens taken inside the warm-up, while hot (tau > 1) and while
-    cold (tau < 1), from the schedule's own temperatures for each completion's length."""
+    cold (tau < 1), from the schedule's own temperatures for each completion's length. An
+    entropy-driven schedule's temperatures differ per completion: the engine's, as each
+    sample recorded them (``temperatures``, one list per completion, beside ``lengths``)."""
+    warmup = 0 if resolved.type in ("constant", "entropy") else resolved.warmup
+    if resolved.entropy_driven:
+        if temperatures is None or any(t is None for t, n in zip(temperatures, lengths) if n):
+            raise ValueError(f"{resolved.type}: an entropy-driven schedule's token shares need the temperatures "
+                             f"the server reported with each sample")
+        runs = [np.asarray(t[:n]) for t, n in zip(temperatures, lengths) if n]  # type: ignore[index]
+        total = sum(len(r) for r in runs)
+        shares = {"warmup": sum(min(len(r), warmup) for r in runs), "hot": sum(int((r > 1.0).sum()) for r in runs),
+                  "cold": sum(int((r < 1.0).sum()) for r in runs)}
+        return {"tokens": total, **{name: count / total if total else 0.0 for name, count in shares.items()}}
     lengths = [n for n in lengths if n]
     total = sum(lengths)
     if not total:
         return {"tokens": 0, "warmup": 0.0, "hot": 0.0, "cold": 0.0}
     temps = np.asarray(resolved.temperatures(max(lengths)))
-    warm = np.arange(len(temps)) < (0 if resolved.type == "constant" else resolved.warmup)
+    warm = np.arange(len(temps)) < warmup
     # Counts over the first n tokens, for every n at once.
     prefix = {name: np.concatenate([[0], np.cumsum(mask)]) for name, mask in
               (("warmup", warm), ("hot", temps > 1.0), ("cold", temps < 1.0))}
@@ -89,6 +102,7 @@ def summarize(
     for si, schedule in enumerate(schedules):
         v: dict[str, list[float]] = {"accuracy": [], "classes": [], "tokens": []}
         lengths: list[int] = []
+        temperatures: list[Sequence[float] | None] = []
         finish: Counter[str] = Counter()
         methods: Counter[str] = Counter()
         for pi, pid in enumerate(problem_ids):
@@ -112,6 +126,7 @@ def summarize(
             pool_samples = samples[(pid, schedule.label)]
             pool_lengths = [s.get("n_tokens") or 0 for s in pool_samples]
             lengths += pool_lengths
+            temperatures += [s.get("temperatures") for s in pool_samples]
             finish.update(str(s.get("finish_reason")) for s in pool_samples)
             methods.update(extraction_methods[(pid, schedule.label)])
             v["accuracy"].append(m / size)
@@ -139,7 +154,7 @@ def summarize(
             "response_tokens": _interval(v["tokens"], indices, confidence),
             "finish_reasons": dict(finish),
             "extraction": dict(methods),
-            "token_shares": token_shares(schedule.resolved, lengths),
+            "token_shares": token_shares(schedule.resolved, lengths, temperatures),
             "anneal_end_token": schedule.resolved.anneal_end(),
             "vs_baseline": None,
         }
