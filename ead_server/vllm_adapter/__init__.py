@@ -7,6 +7,9 @@ The server is written against vLLM 0.32; the processor runs on 0.24 to 0.34
 
 * :mod:`.processor` -- the EAD logits processor, accepted by both model runners (V1 and
   Model Runner V2); the ``vllm.logits_processors`` entry point names it here;
+* :mod:`.targets` -- in-pass numbers (target log-probs, entropies, temperatures): the
+  worker-side store and collecting it;
+* :mod:`.entropy_clock` -- each sample's entropy clock, kept across preemption and reloads;
 * :mod:`.seeds` -- independent sample streams for seeded ``n > 1`` requests;
 * :mod:`.serving` -- ``ead-server serve`` as vLLM's own ``vllm serve`` with our
   endpoint plugin enabled;
