@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from .temperature import _use_triton
+from . import temperature
+from .temperature import _block, _check_inputs, _launch, _use_triton, apply_schedule_torch_
 
-__all__ = ["CPU_BLOCK_ROWS", "row_stats", "row_stats_torch", "row_stats_triton"]
+__all__ = ["CPU_BLOCK_ROWS", "apply_schedule_with_stats_", "row_stats", "row_stats_torch", "row_stats_triton"]
 
 # Rows per scratch block on a CPU: 8 rows of a 152k vocabulary in fp32 are 4.9 MB, of 49k
 # 1.6 MB (the scratch holds two such halves). Two lse and the division at batch 64, vocab
@@ -124,8 +125,16 @@ def row_stats_torch(logits: torch.Tensor, rows: torch.Tensor | Sequence[int]) ->
     return out
 
 
+class _Kernels(NamedTuple):
+    """This module's Triton kernels, and the block function the scale kernel shares."""
+
+    partials: Any
+    merge: Any
+    block_partials: Any
+
+
 @functools.cache
-def _triton_kernels() -> tuple[Any, Any]:
+def _triton_kernels() -> _Kernels:
     """Build the kernels on first use, so importing this module never imports Triton.
 
     A split reduction: the first pass reduces ``(row, block of columns)`` programs to
@@ -135,39 +144,60 @@ def _triton_kernels() -> tuple[Any, Any]:
     (the target: that step at most 1.10x the plain EAD step). The first pass's grid is
     shaped like the scale kernel's (rows x column blocks), and so is its occupancy; the
     second is one small program per row over ``cdiv(vocab, BLOCK)`` partials, at the
-    cost of a second launch.
+    cost of a second launch. The scale kernel can take the first pass's place
+    (:func:`apply_schedule_with_stats_`) with ``block_partials``: one function of a
+    block's partials that both inline, and so the same bits.
     """
+    # Module globals, not closures: Triton's interpreter looks up what a kernel calls or
+    # reads in its module's globals alone, and runs a callee (the scale kernel calls
+    # _block_partials) only if its module's globals hold triton.language.
+    global _block_partials, _FLOOR, tl
     import triton
     import triton.language as tl
 
+    _FLOOR = tl.constexpr(_EXP_FLOOR)
+
     @triton.jit
-    def _partials_kernel(
-        logits_ptr, stride_row, stride_col, rows_ptr, partials_ptr, vocab_size, num_blocks,
-        FLOOR: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    ):
+    def _block_partials(x, mask, out_ptr):
+        """``(max, S, Q)`` of the loaded block ``x`` (any float dtype; ``mask`` its columns
+        in the row) at ``out_ptr[0:3]``."""
+        x = tl.where(mask, x.to(tl.float32), -float("inf"))
+        # tl.max ignores NaN (maxnum): a NaN is flagged by hand, as the block's maximum.
+        peak = tl.where(tl.max((x != x).to(tl.int32), 0) > 0, float("nan"), tl.max(x, 0))
+        shift = tl.where((peak > -float("inf")) & (peak < float("inf")), peak, 0.0)
+        d = tl.maximum(x - shift, _FLOOR)  # the CPU path's floor: -inf logits give 0 log 0 = 0
+        e = tl.where(mask, tl.exp(d), 0.0)
+        tl.store(out_ptr, peak)
+        tl.store(out_ptr + 1, tl.sum(e, 0))
+        tl.store(out_ptr + 2, tl.sum(e * d, 0))
+
+    @triton.jit
+    def _partials_kernel(logits_ptr, stride_row, stride_col, rows_ptr, partials_ptr, vocab_size, num_blocks,
+                         BLOCK_SIZE: tl.constexpr):
         i = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
         row = tl.load(rows_ptr + i)
         cols = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = cols < vocab_size
-        x = tl.load(logits_ptr + row * stride_row + cols.to(tl.int64) * stride_col, mask=mask,
-                    other=-float("inf")).to(tl.float32)
-        # tl.max ignores NaN (maxnum): a NaN is flagged by hand, as the block's maximum.
-        peak = tl.where(tl.max((x != x).to(tl.int32), 0) > 0, float("nan"), tl.max(x, 0))
-        shift = tl.where((peak > -float("inf")) & (peak < float("inf")), peak, 0.0)
-        d = tl.maximum(x - shift, FLOOR)  # the CPU path's floor: -inf logits give 0 log 0 = 0
-        e = tl.where(mask, tl.exp(d), 0.0)
-        out = partials_ptr + (i * num_blocks + j) * 3
-        tl.store(out, peak)
-        tl.store(out + 1, tl.sum(e, 0))
-        tl.store(out + 2, tl.sum(e * d, 0))
+        x = tl.load(logits_ptr + row * stride_row + cols.to(tl.int64) * stride_col, mask=mask)
+        _block_partials(x, mask, partials_ptr + (i * num_blocks + j) * 3)
 
     @triton.jit
-    def _merge_kernel(partials_ptr, out_ptr, num_blocks, NUM_BLOCKS: tl.constexpr):
+    def _merge_kernel(partials_ptr, out_ptr, num_blocks, rows_ptr, num_rows, more_rows_ptr, more_offset,
+                      NUM_BLOCKS: tl.constexpr, INDEXED: tl.constexpr):
         i = tl.program_id(0).to(tl.int64)
+        entry = i
+        if INDEXED:
+            # The fused scale's two halves in one launch: output i < num_rows merges the
+            # partials of row rows[i], the others those of row more_rows[i - num_rows],
+            # more_offset rows on.
+            if i < num_rows:
+                entry = tl.load(rows_ptr + i)
+            else:
+                entry = tl.load(more_rows_ptr + (i - num_rows)) + more_offset
         j = tl.arange(0, NUM_BLOCKS)
         valid = j < num_blocks
-        p = partials_ptr + (i * num_blocks + j) * 3
+        p = partials_ptr + (entry * num_blocks + j) * 3
         peaks = tl.load(p, mask=valid, other=-float("inf"))
         sums = tl.load(p + 1, mask=valid, other=0.0)
         moments = tl.load(p + 2, mask=valid, other=0.0)
@@ -190,7 +220,7 @@ def _triton_kernels() -> tuple[Any, Any]:
         tl.store(out_ptr + i * 2, lse)
         tl.store(out_ptr + i * 2 + 1, entropy)
 
-    return _partials_kernel, _merge_kernel
+    return _Kernels(_partials_kernel, _merge_kernel, _block_partials)
 
 
 def row_stats_triton(logits: torch.Tensor, rows: torch.Tensor | Sequence[int], *,
@@ -210,8 +240,99 @@ def row_stats_triton(logits: torch.Tensor, rows: torch.Tensor | Sequence[int], *
     block = min(block_size or _BLOCK_SIZE, triton.next_power_of_2(vocab))
     num_blocks = triton.cdiv(vocab, block)
     partials = torch.empty(n, num_blocks, 3, dtype=torch.float32, device=logits.device)
-    partials_kernel, merge_kernel = _triton_kernels()
-    partials_kernel[(n, num_blocks)](logits, logits.stride(0), logits.stride(1), index, partials, vocab, num_blocks,
-                                     FLOOR=_EXP_FLOOR, BLOCK_SIZE=block, num_warps=4)
-    merge_kernel[(n,)](partials, out, num_blocks, NUM_BLOCKS=triton.next_power_of_2(num_blocks), num_warps=1)
+    kernels = _triton_kernels()
+    # No FMA contraction, as in the scale kernel: the fused statistics get the same bits.
+    kernels.partials[(n, num_blocks)](logits, logits.stride(0), logits.stride(1), index, partials, vocab, num_blocks,
+                                      BLOCK_SIZE=block, num_warps=4, enable_fp_fusion=False)
+    _merge(partials, out, num_blocks)
     return out
+
+
+def _merge(partials: torch.Tensor, out: torch.Tensor, num_blocks: int, rows: torch.Tensor | None = None,
+           more_rows: torch.Tensor | None = None, more_offset: int = 0) -> None:
+    """The second pass into ``out``, one program per row of it: over ``partials`` as they
+    lie, or indexed, over the partials of ``rows`` and then those of ``more_rows``
+    (``more_offset`` rows on)."""
+    import triton
+
+    if rows is None:
+        index: tuple[torch.Tensor, int, torch.Tensor] = (out, 0, out)  # not read
+    else:
+        index = (rows, rows.numel(), rows if more_rows is None else more_rows)
+    _triton_kernels().merge[(out.shape[0],)](
+        partials, out, num_blocks, *index, more_offset,
+        NUM_BLOCKS=triton.next_power_of_2(num_blocks), INDEXED=rows is not None, num_warps=1)
+
+
+def apply_schedule_with_stats_(
+    logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor,
+    slots: torch.Tensor | None = None, prompt_len: torch.Tensor | None = None, *,
+    entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None,
+    raw_rows: torch.Tensor, scaled_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale ``logits`` in place as :func:`ead_kernels.apply_schedule_triton_` (GPU tensors)
+    or :func:`ead_kernels.apply_schedule_torch_` (others) does, with the same layouts,
+    arguments and bits, and return ``(raw, scaled)``: :func:`row_stats` of
+    ``logits[raw_rows]`` before the scale and of ``logits[scaled_rows]`` after it (``None``
+    without ``scaled_rows``). The row indices are long tensors on the logits' device, in
+    any order, possibly empty; the two sets may overlap.
+
+    Why: an entropy-clock step needs ``H_t`` of the raw rows (the clock of token ``t``
+    sums the entropies before it, so the row's own entropy can be taken while it is
+    scaled), an in-pass targets step the ``lse`` before and after; apart, they read the
+    rows once or twice more than the scale. (The ``entropy`` type cannot use this: its
+    row's own entropy sets its temperature, so :func:`row_stats` has to run first.)
+
+    On GPU tensors with Triton, one launch of the scale kernel over its usual grid takes
+    the statistics of the rows flagged in a per-row table (built on the device: no host
+    sync), of the block it loads and of the block it stores, with :func:`row_stats_triton`'s
+    own block function, and one launch of its merge reduces them; a row not flagged costs
+    nothing more, and one flagged of ``KIND_NONE`` is read but not written. The results
+    are bit-identical to :func:`row_stats_triton` with the scale kernel's block size
+    (1024 columns; its own default of 2048 sums in another order, and agrees to fp32
+    rounding): tested under Triton's interpreter, checked on a GPU by
+    ``python -m ead_kernels.gpu_check``. Elsewhere: ``row_stats``, the PyTorch scale,
+    ``row_stats``.
+
+    The dispatch reads :func:`ead_kernels.temperature._use_triton`, the scale's own, so
+    that the one switch moves both.
+    """
+    if temperature._use_triton(logits):
+        return _apply_schedule_with_stats_triton(logits, positions, kinds, params, slots, prompt_len, entropy=entropy,
+                                                 clock=clock, raw_rows=raw_rows, scaled_rows=scaled_rows)
+    raw = row_stats_torch(logits, raw_rows)
+    apply_schedule_torch_(logits, positions, kinds, params, slots, prompt_len, entropy=entropy, clock=clock)
+    return raw, None if scaled_rows is None else row_stats_torch(logits, scaled_rows)
+
+
+def _apply_schedule_with_stats_triton(
+    logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor,
+    slots: torch.Tensor | None = None, prompt_len: torch.Tensor | None = None, *,
+    entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None,
+    raw_rows: torch.Tensor, scaled_rows: torch.Tensor | None = None, block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`apply_schedule_with_stats_` in Triton; ``block_size`` as in
+    :func:`ead_kernels.apply_schedule_triton_` (the tests raise it)."""
+    import triton
+
+    _check_inputs(logits, positions, kinds, params, slots, prompt_len, entropy, clock)
+    device, (batch, vocab) = logits.device, logits.shape
+    raw_index = _index(raw_rows, device)
+    scaled_index = None if scaled_rows is None else _index(scaled_rows, device)
+    num_raw = raw_index.numel()
+    out = torch.empty(num_raw + (0 if scaled_index is None else scaled_index.numel()), 2, dtype=torch.float32,
+                      device=device)
+    if out.shape[0] == 0:  # no statistics: the plain scale
+        if batch and vocab:
+            _launch(logits, positions, kinds, params, slots, prompt_len, entropy, clock, _block(vocab, block_size))
+    else:
+        block = _block(vocab, block_size)
+        num_blocks = triton.cdiv(vocab, block)
+        flags = torch.zeros(2, batch, dtype=torch.int8, device=device)  # [raw, scaled] per row
+        for half, index in enumerate((raw_index, scaled_index)):
+            if index is not None and index.numel():
+                flags[half].index_fill_(0, index, 1)
+        partials = torch.empty(2, batch, num_blocks, 3, dtype=torch.float32, device=device)
+        _launch(logits, positions, kinds, params, slots, prompt_len, entropy, clock, block, (flags, partials))
+        _merge(partials, out, num_blocks, raw_index, scaled_index, batch)
+    return out[:num_raw], None if scaled_index is None else out[num_raw:]

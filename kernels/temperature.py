@@ -54,7 +54,9 @@ Two implementations with one rounding recipe, so that they agree bit for bit:
 
 The PyTorch path is the CPU path and the test oracle. The Triton path fuses the schedule
 into the rescale: one launch, no host work per step and no per-row temperature tensor,
-where the PyTorch path needs about twenty tiny ops (launches, on a GPU) to build them.
+where the PyTorch path needs about twenty tiny ops (launches, on a GPU) to build them;
+:func:`ead_kernels.target_stats.apply_schedule_with_stats_` fuses the row statistics
+(``lse``, entropy) before and after the rescale into that same pass.
 On CPU tensors the PyTorch path builds them with numpy instead (the same IEEE ops and
 torch's own ``exp`` and ``log``, so the same bits), whose calls on batch-sized vectors
 cost less than torch's dispatch (docs/performance.md).
@@ -323,9 +325,21 @@ def triton_available() -> bool:
 
 @functools.cache
 def _triton_kernel() -> Any:
-    """Build the kernel on first use, so importing this module never imports Triton."""
+    """Build the kernel on first use, so importing this module never imports Triton.
+
+    With ``STATS`` (:func:`ead_kernels.target_stats.apply_schedule_with_stats_`) it also
+    writes, for the rows that ``flags`` asks for, the partial row statistics of the block
+    it loaded (``flags[0, row]``) and of the block it stores (``flags[1, row]``) into
+    ``partials[0 or 1, row, block]``, with ``target_stats``' own block function: a constexpr,
+    so the plain launch compiles to the same code as without it.
+    """
     import triton
     import triton.language as tl
+
+    from .target_stats import _triton_kernels  # here: target_stats imports this module
+
+    global _block_partials  # a module global, for Triton's interpreter (target_stats says why)
+    _block_partials = _triton_kernels().block_partials
 
     @triton.jit
     def _apply_schedule_kernel(
@@ -348,9 +362,12 @@ def _triton_kernel() -> Any:
         clock_ptr,
         clock_stride,
         vocab_size,
+        flags_ptr,
+        partials_ptr,
         USE_SLOTS: tl.constexpr,
         HAS_ENTROPY: tl.constexpr,
         HAS_CLOCK: tl.constexpr,
+        STATS: tl.constexpr,
         EAD: tl.constexpr,
         REVERSE: tl.constexpr,
         CONSTANT: tl.constexpr,
@@ -373,8 +390,15 @@ def _triton_kernel() -> Any:
         else:
             entry = row
         kind = tl.load(kinds_ptr + entry * kinds_stride)
-        # KIND_NONE and unknown kinds leave the row alone (not read, not written).
-        if (kind != EAD) & (kind != REVERSE) & (kind != CONSTANT) & (kind != ENTROPY):
+        # KIND_NONE and unknown kinds leave the row alone: not written, and not read unless
+        # its statistics are asked for (the same before and after: it stands divided by 1.0).
+        unscheduled = (kind != EAD) & (kind != REVERSE) & (kind != CONSTANT) & (kind != ENTROPY)
+        if STATS:
+            raw_wanted = tl.load(flags_ptr + row) != 0
+            scaled_wanted = tl.load(flags_ptr + tl.num_programs(0) + row) != 0
+            if unscheduled & ~(raw_wanted | scaled_wanted):
+                return
+        elif unscheduled:
             return
         p = params_ptr + entry * params_stride_row
         tau_max = tl.load(p + COL_TAU_MAX * params_stride_col)
@@ -417,6 +441,12 @@ def _triton_kernel() -> Any:
         mask = cols < vocab_size
         ptrs = logits_ptr + row * stride_row + cols.to(tl.int64) * stride_col
         x = tl.load(ptrs, mask=mask)
+        if STATS:
+            temp = tl.where(unscheduled, 1.0, temp)  # what the row's statistics after see
+            # partials[half, row, block], three floats each: the raw half, then the scaled.
+            raw_out = partials_ptr + (row * tl.num_programs(1) + tl.program_id(1)) * 3
+            if raw_wanted:
+                _block_partials(x, mask, raw_out)
         y = tl.div_rn(x.to(tl.float32), temp)  # IEEE division, as torch's div_
         if x.dtype == tl.bfloat16:
             # Round to nearest even by hand, exactly as c10::round_to_nearest_even (NaN
@@ -428,7 +458,12 @@ def _triton_kernel() -> Any:
             out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             out = y.to(x.dtype)
-        tl.store(ptrs, out, mask=mask)
+        if STATS:
+            tl.store(ptrs, out, mask=cols < tl.where(unscheduled, 0, vocab_size))  # not written
+            if scaled_wanted:
+                _block_partials(out, mask, raw_out + tl.num_programs(0) * tl.num_programs(1) * 3)
+        else:
+            tl.store(ptrs, out, mask=mask)
 
     return _apply_schedule_kernel
 
@@ -456,13 +491,30 @@ def apply_schedule_triton_(
     raise it because Triton's interpreter pays milliseconds per program.
     """
     _check_inputs(logits, positions, kinds, params, slots, prompt_len, entropy, clock)
-    import triton
-
     batch, vocab = logits.shape
     if batch == 0 or vocab == 0:
         return logits
-    block = min(block_size or _BLOCK_SIZE, triton.next_power_of_2(vocab))
-    grid = (batch, triton.cdiv(vocab, block))
+    _launch(logits, positions, kinds, params, slots, prompt_len, entropy, clock, _block(vocab, block_size))
+    return logits
+
+
+def _block(vocab: int, block_size: int | None) -> int:
+    """Columns per program of the scale kernel (a power of two, at most the vocabulary's)."""
+    import triton
+
+    return min(block_size or _BLOCK_SIZE, triton.next_power_of_2(vocab))
+
+
+def _launch(
+    logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, params: torch.Tensor,
+    slots: torch.Tensor | None, prompt_len: torch.Tensor | None, entropy: torch.Tensor | None,
+    clock: torch.Tensor | None, block: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """One launch of the scale kernel over checked inputs with at least one row and column;
+    ``stats`` is ``(flags, partials)`` of the fused statistics (:func:`_triton_kernel`)."""
+    import triton
+
+    grid = (logits.shape[0], triton.cdiv(logits.shape[1], block))
     # Absent tensors are passed as ``positions``, never read (constexpr flags).
     slot_args = (positions, 0, positions, 0) if slots is None else (
         slots, slots.stride(0), prompt_len, prompt_len.stride(0))  # type: ignore[union-attr]
@@ -481,10 +533,12 @@ def apply_schedule_triton_(
         params.stride(1),
         *row_args[0],
         *row_args[1],
-        vocab,
+        logits.shape[1],
+        *(stats or (positions, positions)),
         USE_SLOTS=slots is not None,
         HAS_ENTROPY=entropy is not None,
         HAS_CLOCK=clock is not None,
+        STATS=stats is not None,
         EAD=KIND_EAD,
         REVERSE=KIND_REVERSE,
         CONSTANT=KIND_CONSTANT,
@@ -501,7 +555,6 @@ def apply_schedule_triton_(
         num_warps=4,
         enable_fp_fusion=False,  # no contraction into FMAs: same rounding as torch
     )
-    return logits
 
 
 def _use_triton(logits: torch.Tensor) -> bool:

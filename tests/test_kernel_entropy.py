@@ -236,7 +236,7 @@ def test_rows_layout_with_entropy_inputs(path, dtype) -> None:
     assert_bits_equal(logits, recipe(original, temps))
     none_rows = (kinds == KIND_NONE) | (kinds == 7)
     assert none_rows.any()
-    assert_bits_equal(logits[none_rows], original[none_rows])
+    assert_same_logits(logits[none_rows], original[none_rows])
 
 
 @pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -397,6 +397,123 @@ def test_row_stats_triton_matches_torch(vocab, block_size, dtype, layout) -> Non
     assert_stats_close(got, reference_row_stats(logits[rows]), 1e-5)
     assert 0.0 < float(got[2, 1]) < 1e-30  # one-hot: the floor's share, not 0 log 0 = NaN
     assert S.row_stats_triton(logits.to(DEVICE), []).shape == (0, 2)
+
+
+# --------------------------------------------------------- the scale with its statistics
+
+
+def stats_batch(layout: str, dtype: torch.dtype, seed: int, batch: int = 10, vocab: int = 300):
+    """A batch for :func:`ead_kernels.apply_schedule_with_stats_`: the edge rows of
+    :func:`edge_logits` (all ``-inf``, one-hot, ``NaN``, ``+inf``), every kind with the
+    entropy inputs (row 1, the one-hot, of ``KIND_NONE``, row 4 of an unknown kind or
+    none), strided logits (a slice in the rows layout, a transposed copy in the slots')."""
+    rng = random.Random(seed)
+    source = edge_logits(batch, vocab + 3, dtype, seed)
+    logits = source[:, :vocab] if layout == "rows" else source[:, :vocab].t().contiguous().t()
+    positions, kinds, params, entropy, clock = entropy_rows(rng, batch)
+    if layout == "rows":
+        index = torch.arange(batch)
+        args: tuple[torch.Tensor, ...] = (positions, kinds, params)
+    else:
+        slots, pos, prompt_len, _, _, _ = make_slot_batch(seed, 6, batch)
+        index = slots.long().cpu()
+        _, kinds, params, _, _ = entropy_rows(rng, 6)
+        args = (pos, kinds, params, slots, prompt_len)
+    kinds[index[4]] = 7
+    kinds[index[1]] = KIND_NONE
+    return logits.to(DEVICE), tuple(a.to(DEVICE) for a in args), {"entropy": entropy.to(DEVICE), "clock": clock.to(DEVICE)}
+
+
+def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit for bit but for NaN payloads: the Triton path writes bfloat16's canonical NaN,
+    where torch's CPU division keeps the payload."""
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert_bits_equal(got.masked_fill(nan, 0), want.masked_fill(nan, 0))
+
+
+def rows_index(rows: list[int] | None) -> torch.Tensor | None:
+    return None if rows is None else torch.tensor(rows, dtype=torch.long, device=DEVICE)
+
+
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("layout", ["rows", "slots"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_scale_with_stats_is_row_stats_around_the_scale(path, layout, dtype) -> None:
+    """Overlapping, unsorted row sets with a repeat, ``KIND_NONE`` and unknown-kind rows
+    among them: the logits scaled as by the scale alone (``KIND_NONE`` rows untouched),
+    ``raw`` the statistics before it and ``scaled`` after it. The Triton path (ragged
+    blocks of 128) gives the bits of :func:`row_stats_triton` with its block size."""
+    logits, args, inputs = stats_batch(layout, dtype, seed=11)
+    original = logits.clone()
+    raw_rows, scaled_rows = rows_index([5, 0, 1, 3, 3, 9, 2, 4]), rows_index([1, 8, 5, 0, 2, 4])
+    if path == "torch":
+        raw, scaled = ead_kernels.apply_schedule_with_stats_(logits, *args, **inputs, raw_rows=raw_rows,
+                                                             scaled_rows=scaled_rows)
+    else:
+        raw, scaled = S._apply_schedule_with_stats_triton(logits, *args, **inputs, raw_rows=raw_rows,
+                                                          scaled_rows=scaled_rows, block_size=128)
+    want = apply_schedule_torch_(original.clone(), *args, **inputs)
+    assert_same_logits(logits, want)
+    none_rows = [1, 4] if layout == "rows" else [i for i in range(10) if int(args[1][args[3][i]]) not in KIND_NAMES]
+    assert_same_logits(logits[none_rows], original[none_rows])
+    assert raw.shape == (8, 2) and scaled is not None and scaled.shape == (6, 2) and raw.dtype == torch.float32
+    if path == "torch":
+        assert_bits_equal(raw, S.row_stats_torch(original, raw_rows))
+        assert_bits_equal(scaled, S.row_stats_torch(want, scaled_rows))
+        return
+    assert_bits_equal(logits, apply_schedule_triton_(original.clone(), *args, **inputs, block_size=128))
+    assert_bits_equal(raw, S.row_stats_triton(original, raw_rows, block_size=128))
+    assert_bits_equal(scaled, S.row_stats_triton(logits, scaled_rows, block_size=128))
+    assert_stats_close(raw, S.row_stats_torch(original, raw_rows), 2e-5)
+    assert_stats_close(scaled, S.row_stats_torch(want, scaled_rows), 2e-5)
+
+
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize(("raw_rows", "scaled_rows"), [
+    ([], None),  # the plain scale
+    ([], [3, 1]),
+    ([2, 0], None),
+    ([0, 1, 2], [5, 3, 4]),  # disjoint
+    ([1], [1]),  # a KIND_NONE row both ways
+])
+def test_scale_with_stats_row_sets(path, raw_rows, scaled_rows, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Empty, absent and disjoint sets through the public function; the Triton path as
+    the processor reaches it (the scale's dispatch switched on), one block per row."""
+    logits, args, inputs = stats_batch("rows", torch.float32, seed=12, batch=6, vocab=200)
+    want = apply_schedule_torch_(logits.clone(), *args, **inputs)
+    want_raw, want_scaled = S.row_stats_torch(logits, raw_rows), S.row_stats_torch(want, scaled_rows or [])
+    if path == "triton":
+        monkeypatch.setattr(T, "_use_triton", lambda logits: True)
+        monkeypatch.setattr(S, "row_stats_torch", None)  # not the PyTorch path
+    raw, scaled = ead_kernels.apply_schedule_with_stats_(logits, *args, **inputs, raw_rows=rows_index(raw_rows),
+                                                         scaled_rows=rows_index(scaled_rows))
+    assert_same_logits(logits, want)
+    assert raw.shape == (len(raw_rows), 2)
+    if raw_rows:
+        assert_stats_close(raw, want_raw, 2e-5)
+    if scaled_rows is None:
+        assert scaled is None
+    else:
+        assert scaled is not None and scaled.shape == (len(scaled_rows), 2)
+        assert_stats_close(scaled, want_scaled, 2e-5)
+
+
+def test_scale_with_stats_dispatch_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors take the PyTorch path; both paths check the scale's inputs."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton path must not run on CPU tensors")
+
+    logits, args, inputs = stats_batch("rows", torch.float32, seed=13, batch=6, vocab=50)
+    bad = (*args[:2], args[2].float())
+    with pytest.raises(TypeError, match="float64"):
+        S._apply_schedule_with_stats_triton(logits.clone(), *bad, raw_rows=rows_index([0]))
+    monkeypatch.setattr(S, "_apply_schedule_with_stats_triton", fail)
+    with pytest.raises(TypeError, match="float64"):
+        ead_kernels.apply_schedule_with_stats_(logits.cpu(), *(a.cpu() for a in bad), raw_rows=torch.tensor([0]))
+    raw, scaled = ead_kernels.apply_schedule_with_stats_(logits.cpu(), *(a.cpu() for a in args),
+                                                         raw_rows=torch.tensor([0, 5]))
+    assert raw.shape == (2, 2) and scaled is None
 
 
 # ------------------------------------------------------------------------ the benchmark
