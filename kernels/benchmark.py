@@ -15,9 +15,10 @@ median of the ratios of calls made in one pass, which a shared machine's load hi
     (one temperature computed in Python and one division per row), the cost EAD has
     without a batched kernel; ``naive/torch`` is how many times faster our step is;
 (f) ``stats``: what the in-pass target statistics add to (b) when every row asks for
-    them: :func:`ead_kernels.target_stats.row_stats` of the rows before the rescale and
-    after it, as the processor takes them, timed in a loop of their own beside the step
-    the processor runs (Triton on a GPU, (b) on a CPU), and reported as the difference.
+    them: :func:`ead_kernels.apply_schedule_with_stats_` with every row before the rescale
+    and after it (on a GPU in the scale's own pass, on a CPU ``row_stats``, the scale,
+    ``row_stats``), timed in a loop of their own beside the step the processor runs
+    (Triton on a GPU, (b) on a CPU), and reported as the difference.
 
 On a GPU it also times a device-to-device copy of the same bytes (``copy``): the
 kernel reads and writes each logit once, so ``copy / triton`` is the fraction of the
@@ -31,7 +32,7 @@ so repeated in-place division cannot drift into denormals or infinities.
 
 ``--entropy`` times instead the sampler steps of the entropy-aware schedules side by side
 with the plain EAD step (:func:`entropy_steps`), each as a ratio to it; on a GPU the
-target for the entropy-clock step is 1.10x:
+target for the entropy-clock step (its statistics taken in the scale's pass) is 1.10x:
 
     python -m ead_kernels.benchmark --entropy                       # batches 64 128 256
     python -m ead_kernels.benchmark --entropy --batch-sizes 4 --vocab-sizes 1000   # smoke run
@@ -63,7 +64,7 @@ from .temperature import (
     schedule_temperatures,
     triton_available,
 )
-from .target_stats import row_stats
+from .target_stats import apply_schedule_with_stats_, row_stats
 
 Op = Callable[[torch.Tensor], object]
 
@@ -109,13 +110,12 @@ def naive_processor(logits: torch.Tensor, positions: list[int]) -> torch.Tensor:
     return logits
 
 
-def with_target_stats(logits: torch.Tensor, step: Callable[[torch.Tensor], object]) -> torch.Tensor:
-    """``step`` (in place) between the row statistics of the in-pass target log-probs, for
-    every row, as the processor runs it when every request asks for them."""
+def with_target_stats(logits: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor,
+                      params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The EAD step with the row statistics of the in-pass target log-probs before and
+    after it, for every row, as the processor runs it when every request asks for them."""
     rows = torch.arange(logits.shape[0], device=logits.device)
-    raw = row_stats(logits, rows)
-    step(logits)
-    return torch.cat([raw, row_stats(logits, rows)], 1)
+    return apply_schedule_with_stats_(logits, positions, kinds, params, raw_rows=rows, scaled_rows=rows)
 
 
 def _time_ms(op: Op, work: torch.Tensor, source: torch.Tensor) -> float:
@@ -189,8 +189,8 @@ def run(
             # (page faults, evicted caches) would slow whichever op ran next. The step the
             # processor takes is timed beside them, and the difference is their cost.
             step: Op = lambda x: apply_schedule_(x, positions, kinds, params)  # Triton on a GPU
-            paired = _median_ms({"step": step, "step+stats": lambda x: with_target_stats(x, step)}, logits, warmup,
-                                repeats)
+            paired = _median_ms({"step": step, "step+stats": lambda x: with_target_stats(x, positions, kinds, params)},
+                                logits, warmup, repeats)
             row["stats"] = paired["step+stats"] - paired["step"]
             results.append(row)
             del logits
@@ -209,11 +209,11 @@ def entropy_steps(
 
     * ``ead``: the plain EAD step, :func:`ead_kernels.apply_schedule_` (today's);
     * ``stats``: :func:`ead_kernels.target_stats.row_stats` of the raw rows alone;
-    * ``targets``: the in-pass targets step, ``row_stats`` raw, the EAD scale, ``row_stats``
-      scaled;
-    * ``clock``: the entropy-clock step, ``row_stats`` raw (``H_t``, to advance the clock),
-      the EAD scale on the entropy clock (``h_ref > 0``, ``clock = sum_{i<t} H_i``), and
-      the clock's advance ``clock += H_t`` (one small op);
+    * ``targets``: the in-pass targets step, the EAD scale with ``row_stats`` of the raw and
+      of the scaled rows (:func:`ead_kernels.apply_schedule_with_stats_`: one pass on a GPU);
+    * ``clock``: the entropy-clock step, the EAD scale on the entropy clock (``h_ref > 0``,
+      ``clock = sum_{i<t} H_i``) with ``row_stats`` of the raw rows (``H_t``, to advance
+      the clock) in the same pass, and the clock's advance ``clock += H_t`` (one small op);
     * ``entropy``: the ``entropy`` type's step, ``row_stats`` raw first (``H_t`` is needed
       before the row can be scaled), then the scale with that entropy.
 
@@ -232,14 +232,13 @@ def entropy_steps(
             logits = (torch.randn(batch, vocab, device=device) * 8).to(dtype)
 
             def clock_step(x: torch.Tensor) -> None:
-                entropy = row_stats(x, rows)[:, 1]
-                apply_schedule_(x, positions, kinds, clocked, clock=clock)
-                clock.add_(entropy)
+                raw, _ = apply_schedule_with_stats_(x, positions, kinds, clocked, clock=clock, raw_rows=rows)
+                clock.add_(raw[:, 1])
 
             ops: dict[str, Op] = {
                 "ead": lambda x: apply_schedule_(x, positions, kinds, params),
                 "stats": lambda x: row_stats(x, rows),
-                "targets": lambda x: with_target_stats(x, lambda y: apply_schedule_(y, positions, kinds, params)),
+                "targets": lambda x: with_target_stats(x, positions, kinds, params),
                 "clock": clock_step,
                 "entropy": lambda x: apply_schedule_(x, positions, entropic, params, entropy=row_stats(x, rows)[:, 1]),
             }

@@ -11,7 +11,12 @@ triton and this package only, and writes its results into ``OUT`` as it goes:
    inputs, compiled kernel on the GPU against the PyTorch path on the CPU.
    Bit-identical is the expectation; a float64 ``exp`` or ``log`` that rounds
    differently in its last bit may flip a float32 temperature by one ulp, so up to one
-   ulp of the temperature is accepted and counted.
+   ulp of the temperature is accepted and counted. The cases with the per-row inputs
+   (``--quick``: of the smallest shape) also run the scale with its row statistics
+   (``apply_schedule_with_stats_``, overlapping row sets before and after): the logits
+   must be the plain kernel's bits, the statistics within :data:`STATS_TOLERANCE` of
+   float64 (relative, for the scaled rows' large ``lse``), and whether they are the
+   bits of ``row_stats_triton`` at the scale's block size is counted.
 2. ``target_stats.json``: ``row_stats`` (the Triton split reduction) on the GPU against
    float64 ``logsumexp`` and ``-sum p log p`` on the CPU, within 1e-5 nats, the edge
    rows (all ``-inf``, one-hot, ``NaN``) by their definitions.
@@ -19,8 +24,9 @@ triton and this package only, and writes its results into ``OUT`` as it goes:
    per step against vLLM's plain temperature division, and the kernel's bandwidth as a
    share of a device-to-device copy of the same bytes (target >= 85 %).
 4. ``entropy.txt`` / ``entropy.json``: ``ead_kernels.benchmark --entropy``: the
-   entropy-clock, entropy-type and in-pass targets steps against the plain EAD step
-   (target for the entropy clock: at most 1.10x, reported, not part of the verdict).
+   entropy-clock and in-pass targets steps (their statistics in the scale's pass) and
+   the entropy-type step (``row_stats`` first) against the plain EAD step (target for
+   the entropy clock: at most 1.10x, reported, not part of the verdict).
 5. ``summary.txt``: one line.
 
     python -m ead_kernels.gpu_check OUT [--quick]
@@ -40,7 +46,8 @@ from pathlib import Path
 import torch
 
 from . import benchmark
-from .target_stats import row_stats
+from .target_stats import _apply_schedule_with_stats_triton, row_stats, row_stats_triton
+from .temperature import _BLOCK_SIZE as SCALE_BLOCK_SIZE
 from .temperature import (
     KIND_CONSTANT,
     KIND_EAD,
@@ -107,13 +114,53 @@ def _compare(got: torch.Tensor, want: torch.Tensor) -> dict[str, float | int]:
             "max_abs_diff": float(diff.max())}
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.equal(a.cpu().contiguous().view(torch.int8), b.cpu().contiguous().view(torch.int8)))
+
+
+def _stats_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest ``|got - want| / max(1, |want|)`` over the finite values of float64 ``want``;
+    ``inf`` where the non-finite values differ."""
+    got, want = got.cpu().double(), want.cpu().double()
+    if not (torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+            and torch.equal(got[want.isinf()], want[want.isinf()])):
+        return math.inf
+    finite = want.isfinite()
+    return float(((got - want).abs() / want.abs().clamp_min(1.0))[finite].max()) if finite.any() else 0.0
+
+
+def check_fused_stats(logits: torch.Tensor, args: tuple[torch.Tensor, ...], per_row: dict[str, torch.Tensor],
+                      want: torch.Tensor, got: torch.Tensor, device: torch.device, g: torch.Generator) -> dict:
+    """``apply_schedule_with_stats_``'s Triton path on ``device`` for one correctness case:
+    ``logits`` and ``want`` (the PyTorch path's result) on the CPU, ``got`` the plain
+    kernel's on ``device``. The rows in a shuffled order: the first half (and one) before,
+    all but the first quarter after, so the sets overlap (``KIND_NONE`` rows among them)."""
+    batch = logits.shape[0]
+    order = torch.randperm(batch, generator=g)
+    raw_rows, scaled_rows = order[: batch // 2 + 1], order[batch // 4:]
+    fused = logits.to(device, copy=True)
+    raw, scaled = _apply_schedule_with_stats_triton(
+        fused, *(a.to(device) for a in args), **{k: v.to(device) for k, v in per_row.items()},
+        raw_rows=raw_rows.to(device), scaled_rows=scaled_rows.to(device))
+    assert scaled is not None
+    error = max(_stats_error(raw, reference_row_stats(logits[raw_rows])),
+                _stats_error(scaled, reference_row_stats(want[scaled_rows])))
+    as_row_stats = (_same_bits(raw, row_stats_triton(logits.to(device), raw_rows.to(device),
+                                                     block_size=SCALE_BLOCK_SIZE))
+                    and _same_bits(scaled, row_stats_triton(got, scaled_rows.to(device), block_size=SCALE_BLOCK_SIZE)))
+    return {"fused_logits_as_kernel": _same_bits(fused, got), "fused_stats_max_rel_diff": error,
+            "fused_stats_as_row_stats_triton": as_row_stats}
+
+
 def check_correctness(device: torch.device, quick: bool) -> list[dict]:
     """Every (layout, dtype, batch, vocab, inputs) case: the Triton kernel on ``device``
     (compiled on a GPU; under ``TRITON_INTERPRET=1`` on the CPU, as the test suite runs
     it) vs the PyTorch path on the CPU. ``inputs`` is ``none`` (no ``entropy``/``clock``:
-    the plain step's kernel) or ``entropy`` (both given)."""
+    the plain step's kernel) or ``entropy`` (both given); with ``entropy`` also the scale
+    with its statistics (:func:`check_fused_stats`; ``quick``: the smallest shape only)."""
     cases = []
     shapes = [(1, 151936), (7, 49152), (64, 32003), (256, 4099)] if not quick else [(3, 2053), (16, 1000)]
+    fused_shapes = shapes if not quick else shapes[:1]
     for dtype, layout, (batch, vocab), inputs in itertools.product(
             (torch.float32, torch.bfloat16, torch.float16), ("rows", "slots"), shapes, ("none", "entropy")):
         rng = random.Random(hash((str(dtype), layout, batch, vocab, inputs)) & 0xFFFF)
@@ -136,7 +183,7 @@ def check_correctness(device: torch.device, quick: bool) -> list[dict]:
             pos = pos_t[slots.long()].clamp_max(2**40) + prompt_len[slots.long()] - 1
             args = (pos, kinds_t, params_t, slots, prompt_len)
         want = apply_schedule_torch_(logits.clone(), *args, **per_row)
-        got = apply_schedule_triton_(logits.to(device), *(a.to(device) for a in args),
+        got = apply_schedule_triton_(logits.to(device, copy=True), *(a.to(device) for a in args),
                                      **{k: v.to(device) for k, v in per_row.items()})
         result = {"layout": layout, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "vocab": vocab,
                   "inputs": inputs, **_compare(got, want)}
@@ -145,6 +192,9 @@ def check_correctness(device: torch.device, quick: bool) -> list[dict]:
         result["none_rows_identical"] = bool(torch.equal(got.cpu()[untouched].view(torch.int8),
                                                          logits[untouched].view(torch.int8)))
         result["ok"] &= result["none_rows_identical"]
+        if inputs == "entropy" and (batch, vocab) in fused_shapes:  # Triton's interpreter is slow: fewer in tests
+            result.update(check_fused_stats(logits, args, per_row, want, got, device, g))
+            result["ok"] &= result["fused_logits_as_kernel"] and result["fused_stats_max_rel_diff"] <= STATS_TOLERANCE
         cases.append(result)
     return cases
 
@@ -201,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "correctness.json").write_text(json.dumps(cases, indent=1))
     failed = [c for c in cases if not c["ok"]]
     exact = sum(c["bit_identical"] for c in cases) / sum(c["elements"] for c in cases)
-    print(f"correctness: {len(cases) - len(failed)}/{len(cases)} cases ok; {exact:.6%} of elements bit-identical "
+    fused = [c["fused_stats_as_row_stats_triton"] for c in cases if "fused_stats_as_row_stats_triton" in c]
+    fused_bits = f"{sum(fused)}/{len(fused)}"
+    print(f"correctness: {len(cases) - len(failed)}/{len(cases)} cases ok; {exact:.6%} of elements bit-identical; "
+          f"fused statistics bit-identical to row_stats_triton in {fused_bits} "
           f"({time.monotonic() - started:.0f} s)", flush=True)
     for c in failed:
         print(f"  FAILED {c}", flush=True)
@@ -236,12 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     step = max(steps, key=lambda r: (r["vocab"], r["batch"]))
     clock = "met" if step["clock/ead"] <= CLOCK_TARGET else "missed"
     summary = (f"gpu-check {verdict}: {name}; kernel vs oracle {len(cases) - len(failed)}/{len(cases)} cases "
-               f"({exact:.4%} bit-identical); target statistics {len(stats) - len(stats_failed)}/{len(stats)}; batch {big['batch']} x vocab {big['vocab']} fp32: triton "
+               f"({exact:.4%} bit-identical; fused statistics as row_stats_triton's bits in {fused_bits}); "
+               f"target statistics {len(stats) - len(stats_failed)}/{len(stats)}; batch {big['batch']} x vocab {big['vocab']} fp32: triton "
                f"{big['triton'] * 1e3:.1f} us = {big['triton'] / big['baseline']:.2f}x vLLM's division, "
                f"{share:.0f}% of copy bandwidth (target {BANDWIDTH_TARGET:.0f}%); batch {step['batch']} x vocab "
-               f"{step['vocab']}: entropy-clock step {step['clock/ead']:.2f}x the EAD step "
+               f"{step['vocab']}: entropy-clock step (fused) {step['clock/ead']:.2f}x the EAD step "
                f"(target {CLOCK_TARGET:.2f}x: {clock}), entropy type {step['entropy/ead']:.2f}x, "
-               f"in-pass targets {step['targets/ead']:.2f}x; "
+               f"in-pass targets (fused) {step['targets/ead']:.2f}x; "
                f"{time.monotonic() - started:.0f} s")
     print(summary, flush=True)
     (args.out / "summary.txt").write_text(summary + "\n")

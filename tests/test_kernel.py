@@ -423,6 +423,8 @@ def test_the_gpu_check_correctness_pass_runs_here_under_the_interpreter() -> Non
     assert len(cases) == 24 and all(c["ok"] for c in cases), [c for c in cases if not c["ok"]]
     assert all(c["none_rows_identical"] for c in cases)
     assert sum(c["bit_identical"] for c in cases) == sum(c["elements"] for c in cases)  # the interpreter is exact
+    fused = [c for c in cases if "fused_logits_as_kernel" in c]  # the scale with its statistics
+    assert len(fused) == 6 and all(c["fused_logits_as_kernel"] and c["fused_stats_as_row_stats_triton"] for c in fused)
 
 
 def test_the_gpu_check_target_statistics_pass_runs_here() -> None:

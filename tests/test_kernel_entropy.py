@@ -402,7 +402,7 @@ def test_row_stats_triton_matches_torch(vocab, block_size, dtype, layout) -> Non
 # --------------------------------------------------------- the scale with its statistics
 
 
-def stats_batch(layout: str, dtype: torch.dtype, seed: int, batch: int = 10, vocab: int = 300):
+def stats_batch(layout: str, dtype: torch.dtype, seed: int, batch: int = 8, vocab: int = 200):
     """A batch for :func:`ead_kernels.apply_schedule_with_stats_`: the edge rows of
     :func:`edge_logits` (all ``-inf``, one-hot, ``NaN``, ``+inf``), every kind with the
     entropy inputs (row 1, the one-hot, of ``KIND_NONE``, row 4 of an unknown kind or
@@ -437,8 +437,8 @@ def rows_index(rows: list[int] | None) -> torch.Tensor | None:
 
 
 @pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("layout", ["rows", "slots"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("layout", "dtype"), [
+    ("rows", torch.float32), ("rows", torch.bfloat16), ("slots", torch.float16), ("slots", torch.bfloat16)], ids=str)
 def test_scale_with_stats_is_row_stats_around_the_scale(path, layout, dtype) -> None:
     """Overlapping, unsorted row sets with a repeat, ``KIND_NONE`` and unknown-kind rows
     among them: the logits scaled as by the scale alone (``KIND_NONE`` rows untouched),
@@ -446,7 +446,7 @@ def test_scale_with_stats_is_row_stats_around_the_scale(path, layout, dtype) -> 
     blocks of 128) gives the bits of :func:`row_stats_triton` with its block size."""
     logits, args, inputs = stats_batch(layout, dtype, seed=11)
     original = logits.clone()
-    raw_rows, scaled_rows = rows_index([5, 0, 1, 3, 3, 9, 2, 4]), rows_index([1, 8, 5, 0, 2, 4])
+    raw_rows, scaled_rows = rows_index([5, 0, 1, 3, 3, 7, 2, 4]), rows_index([1, 6, 5, 0, 2, 4])
     if path == "torch":
         raw, scaled = ead_kernels.apply_schedule_with_stats_(logits, *args, **inputs, raw_rows=raw_rows,
                                                              scaled_rows=scaled_rows)
@@ -455,7 +455,7 @@ def test_scale_with_stats_is_row_stats_around_the_scale(path, layout, dtype) -> 
                                                           scaled_rows=scaled_rows, block_size=128)
     want = apply_schedule_torch_(original.clone(), *args, **inputs)
     assert_same_logits(logits, want)
-    none_rows = [1, 4] if layout == "rows" else [i for i in range(10) if int(args[1][args[3][i]]) not in KIND_NAMES]
+    none_rows = [1, 4] if layout == "rows" else [i for i in range(8) if int(args[1][args[3][i]]) not in KIND_NAMES]
     assert_same_logits(logits[none_rows], original[none_rows])
     assert raw.shape == (8, 2) and scaled is not None and scaled.shape == (6, 2) and raw.dtype == torch.float32
     if path == "torch":
