@@ -29,7 +29,10 @@ The work is to add nothing but the exponentials: no gathered copy of the rows, n
 full-size temporaries (``torch.logsumexp`` allocates two), no subnormal floats. On a
 CPU the rows go through a scratch block small enough to stay in cache
 (:data:`CPU_BLOCK_ROWS` rows: a row is read once from memory, then exponentiated and
-summed in cache). On a GPU a Triton kernel reads each row once (:func:`row_stats_triton`).
+summed in cache). On a GPU a Triton kernel reads each row once (:func:`row_stats_triton`),
+or the temperature step takes them in its own pass, where it reads the rows anyway
+(:func:`apply_schedule_with_stats_`: the entropy clock's ``H_t``, the targets' ``lse``
+before and after).
 """
 
 from __future__ import annotations
