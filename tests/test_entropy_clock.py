@@ -19,6 +19,7 @@ from vllm import SamplingParams
 from ead_server.schedule import parse_schedule
 from ead_server.vllm_adapter import EADLogitsProcessor, compat, targets
 from ead_server.vllm_adapter.entropy_clock import CLOCKS, EntropyClocks
+from test_processor_v2 import kernel_path  # noqa: F401 - the PyTorch path, and the Triton kernels interpreted
 
 VOCAB = 50
 SLOTS = 8
@@ -99,7 +100,7 @@ def _v2_sample(proc, slot: int, prompt: int, t: int, logits: torch.Tensor) -> fl
 
 @needs_v2
 @pytest.mark.parametrize("reload", [False, True], ids=["preempted", "keep-reload"])
-def test_v2_a_preempted_request_continues_its_clock_in_another_slot(reload):
+def test_v2_a_preempted_request_continues_its_clock_in_another_slot(reload, kernel_path):
     """Sampled t = 0..5 in slot 1, preempted, re-added in slot 6 (prefilled again, in a
     chunk that samples nothing), then t = 6..11: every temperature is the formula over the
     entropies of the logits that sampled each earlier token -- the old weights' before a
@@ -136,7 +137,7 @@ def test_v2_without_an_id_a_resumed_clock_counts_earlier_tokens_at_h_ref():
 
 
 @needs_v2
-def test_v2_the_entropy_type_follows_each_rows_own_entropy():
+def test_v2_the_entropy_type_follows_each_rows_own_entropy(kernel_path):
     proc, states = _v2()
     _v2_add(proc, states, 0, _params(ENTROPIC, None), prompt=3, generated=0)
     for t, logits in enumerate(_steps(4, 6)):
@@ -144,7 +145,7 @@ def test_v2_the_entropy_type_follows_each_rows_own_entropy():
 
 
 @needs_v2
-def test_v2_entropy_rows_record_the_temperature_they_were_divided_by():
+def test_v2_entropy_rows_record_the_temperature_they_were_divided_by(kernel_path):
     """An entropy-driven row that asks records ``tau`` (the host cannot recompute it) and
     both entropies; only a row that samples records."""
     proc, states = _v2()

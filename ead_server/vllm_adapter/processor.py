@@ -48,8 +48,8 @@ import torch
 from vllm.exceptions import VLLMValidationError
 
 from ead_kernels import (
-    KIND_NONE, KINDS, NUM_PARAMS, PARAM_COLUMNS, apply_schedule_, apply_schedule_slots_, schedule_temperatures,
-    slot_positions,
+    KIND_NONE, KINDS, NUM_PARAMS, PARAM_COLUMNS, apply_schedule_, apply_schedule_slots_, apply_schedule_with_stats_,
+    schedule_temperatures, slot_positions,
 )
 from ead_kernels.target_stats import row_stats
 from ead_server.errors import APIError
@@ -160,38 +160,44 @@ class _StepPlan:
     def __bool__(self) -> bool:
         return bool(self.entropy_rows or self.clock_rows or self.target_rows)
 
-    def run(self, logits: torch.Tensor, scale: Any, temperatures: Any) -> torch.Tensor:
+    def run(self, logits: torch.Tensor, layout: tuple[Any, ...], temperatures: Any) -> torch.Tensor:
         """Scale ``logits`` with the entropies and clocks the rows need, advance the clocks
         and record the in-pass numbers; nothing is read back from the device.
 
-        ``scale(x, entropy, clock)`` runs the kernel over every row, ``temperatures(rows,
-        entropy, clock)`` gives the float64 temperatures of some rows (what the kernel
-        divided them by, before its float32 rounding).
+        ``layout`` is the kernel's ``(positions, kinds, params, slots, prompt_len)``;
+        ``temperatures(rows, entropy, clock)`` gives the float64 temperatures of some rows
+        (what the kernel divided them by, before its float32 rounding). The ``entropy``
+        type's rows need their entropy before their scale, so :func:`row_stats` reads them
+        first; every other row's statistics come from the scale's own pass
+        (``apply_schedule_with_stats_``: one read of the row on a GPU).
         """
         device, size = logits.device, logits.shape[0]
-        raw_rows = sorted({*self.entropy_rows, *self.clock_rows, *self.target_rows})
-        where = {row: i for i, row in enumerate(raw_rows)}
-        index = _device_index(raw_rows, device)
-        raw = row_stats(logits, index)  # [n, 2]: lse(h), H(h) of the rows as given
-        entropy = torch.zeros(size, dtype=torch.float32, device=device)
-        entropy[index] = raw[:, 1]  # a NaN row's: the kernel takes it as 0
+        stats = torch.zeros(size, 2, dtype=torch.float32, device=device)  # lse(h), H(h) of the rows as given
+        entropy = None
+        if self.entropy_rows:
+            first = _device_index(self.entropy_rows, device)
+            stats[first] = row_stats(logits, first)
+            entropy = torch.zeros(size, dtype=torch.float32, device=device)
+            entropy[first] = stats[first, 1]  # a NaN row's: the kernel takes it as 0
         clock = None
         if self.clock_rows:
             sums, state, at = CLOCKS.read(np.asarray(self.clock_states), np.asarray(self.clock_positions))
-            rows = _device_index(self.clock_rows, device)
             clock = torch.zeros(size, dtype=torch.float64, device=device)
-            clock[rows] = sums
-            if self.clock_writes:
-                chosen = _device_index(self.clock_writes, device)
-                advance = torch.nan_to_num(entropy[rows][chosen], nan=0.0)  # a NaN row does not move the clock
-                CLOCKS.write(state[chosen], at[chosen], sums[chosen], advance)
-        scale(logits, entropy if self.entropy_rows else None, clock)
-        if self.target_rows:
-            rows = _device_index(self.target_rows, device)
-            before = raw[_device_index([where[row] for row in self.target_rows], device)]
-            after = row_stats(logits, rows)
-            temps = temperatures(rows, entropy, clock)
-            values = torch.cat([before.double(), after.double(), temps.unsqueeze(1)], 1)
+            clock[_device_index(self.clock_rows, device)] = sums
+        pending = sorted({*self.clock_rows, *self.target_rows} - set(self.entropy_rows))
+        during = _device_index(pending, device)
+        targets = _device_index(self.target_rows, device) if self.target_rows else None
+        raw, after = apply_schedule_with_stats_(logits, *layout, entropy=entropy, clock=clock, raw_rows=during,
+                                                scaled_rows=targets)
+        stats[during] = raw
+        if self.clock_writes:
+            chosen = [self.clock_rows[i] for i in self.clock_writes]
+            advance = torch.nan_to_num(stats[_device_index(chosen, device), 1], nan=0.0)  # NaN: the clock stays
+            picks = _device_index(self.clock_writes, device)
+            CLOCKS.write(state[picks], at[picks], sums[picks], advance)
+        if targets is not None:
+            temps = temperatures(targets, stats[:, 1], clock)
+            values = torch.cat([stats[targets].double(), after.double(), temps.unsqueeze(1)], 1)  # type: ignore[union-attr]
             STORE.record(self.target_ids, self.target_positions, values)
         return logits
 
@@ -276,9 +282,6 @@ class _SlotState:
             return logits
         slots, prompt_len, kinds, params = ctx.expanded_idx_mapping, self.prompt_len.gpu, self.kinds.gpu, self.params.gpu
 
-        def scale(x: torch.Tensor, entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None) -> None:
-            apply_schedule_slots_(x, slots, ctx.pos, prompt_len, kinds, params, entropy=entropy, clock=clock)
-
         def temperatures(rows: torch.Tensor, entropy: torch.Tensor, clock: torch.Tensor | None) -> torch.Tensor:
             at = slots[rows].long()
             return schedule_temperatures(slot_positions(slots[rows], ctx.pos[rows], prompt_len), kinds[at], params[at],
@@ -286,9 +289,8 @@ class _SlotState:
 
         plan = self._plan(ctx, logits.shape[0])
         if not plan:
-            scale(logits)
-            return logits
-        return plan.run(logits, scale, temperatures)
+            return apply_schedule_slots_(logits, slots, ctx.pos, prompt_len, kinds, params)
+        return plan.run(logits, (ctx.pos, kinds, params, slots, prompt_len), temperatures)
 
     def _plan(self, ctx: LogitsContext, size: int) -> _StepPlan:
         """The step's entropy, clock and in-pass rows, from the host's copies alone.
@@ -401,18 +403,14 @@ class _RowState:
 
         kinds, params = self.kinds[:size], self.params[:size]
 
-        def scale(x: torch.Tensor, entropy: torch.Tensor | None = None, clock: torch.Tensor | None = None) -> None:
-            apply_schedule_(x, positions, kinds, params, entropy=entropy, clock=clock)
-
         def temperatures(rows: torch.Tensor, entropy: torch.Tensor, clock: torch.Tensor | None) -> torch.Tensor:
             return schedule_temperatures(positions[rows], kinds[rows], params[rows], entropy=entropy[rows],
                                          clock=None if clock is None else clock[rows])
 
         plan = self._plan(size)
         if not plan:
-            scale(logits)
-            return logits
-        return plan.run(logits, scale, temperatures)
+            return apply_schedule_(logits, positions, kinds, params)
+        return plan.run(logits, (positions, kinds, params, None, None), temperatures)
 
     def _plan(self, size: int) -> _StepPlan:
         """The step's entropy, clock and in-pass rows. Every row writes: V1 samples each
