@@ -16,6 +16,12 @@ So the one class behind our entry point subclasses every base the installed vLLM
 is given: :class:`_RowState` (V1) or :class:`_SlotState` (V2). The temperature math is in
 the kernel (``ead_kernels``) in both cases.
 
+**Entropy-driven schedules** need each row's entropy: the ``entropy`` type before its row
+is scaled, the entropy clock after (to advance the sample's running sum, kept by
+:mod:`.entropy_clock` across preemption and reloads). Both runners describe a step's rows
+to one :class:`_StepPlan`, which takes the statistics with the scale (and records the
+in-pass numbers); nothing is read back from the device.
+
 **A default schedule for in-process engines.** ``$EAD_TEMPERATURE_SCHEDULE`` (a preset
 name, JSON, or ``TYPE:key=value,...``) is applied to every request that brings no schedule
 of its own, where the request contract's ``default_applies`` says so (temperature 1.0;
