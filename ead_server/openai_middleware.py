@@ -143,11 +143,26 @@ def prepare_generate(payload: dict[str, Any], default: ResolvedSchedule | None =
     extra = dict(extra or {})
     field = f"sampling_params.extra_args.{SCHEDULE_KEY}"
     request = contract.read_request([(field, extra.pop(SCHEDULE_KEY, None))], params.get("temperature"), default)
-    contract.refuse_engine_numbers(request, "vLLM's token route", field)
     if request.schedule is not None:
         params.update(request.sampling(params))
         params["extra_args"] = request.extra_args(extra)
     return request
+
+
+def prepare_generate_numbers(payload: dict[str, Any], request: contract.Request, engine: Any) -> EngineNumbers:
+    """On vLLM's token route, an entropy-driven schedule's per-token numbers come back as
+    on the OpenAI routes (:func:`prepare_engine_numbers`): its id goes in
+    ``sampling_params.extra_args``, and a refusal names the token route's field."""
+    params = payload.get("sampling_params")
+    if not isinstance(params, dict):
+        return EngineNumbers()
+    recorded = contract.engine_numbers_needed(
+        request, params, engine, stream=bool(payload.get("stream")),
+        param_name=lambda key: "stream" if key == "stream" else f"sampling_params.{key}" if key != SCHEDULE_KEY
+        else f"sampling_params.extra_args.{SCHEDULE_KEY}")
+    if recorded:
+        params["extra_args"][contract.TARGET_KEY] = contract.new_target_id()
+    return EngineNumbers(recorded=recorded)
 
 
 def _samples_per_prompt(fields: Any) -> int:
@@ -362,7 +377,8 @@ class ScheduleMiddleware:
                 engine = state.engine
                 prepare = prepare_generate if endpoint == "generate" else prepare_request
                 request = prepare(payload, state.default_schedule())
-                asked = prepare_engine_numbers(payload, request, engine) if endpoint != "generate" else EngineNumbers()
+                numbers = prepare_generate_numbers if endpoint == "generate" else prepare_engine_numbers
+                asked = numbers(payload, request, engine)
                 if endpoint == "chat":
                     check_conversation(payload.get("messages"))
         except APIError as exc:

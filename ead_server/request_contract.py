@@ -24,9 +24,9 @@ What a generating route does, and all it has to do:
    :func:`response_version`.
 
 An *entropy-driven* schedule (and ``return_entropy``) needs the engine's own per-token
-numbers back: :func:`engine_numbers_needed` says whether a request needs them and refuses
-it (400) where they cannot come back; a route that never brings them back refuses such a
-schedule with :func:`refuse_engine_numbers`.
+numbers back: :func:`engine_numbers_needed` says whether a request needs them, and refuses
+it (400) where they cannot come back; the route then records under the id scheme below and
+hands the engine's temperatures to :meth:`Request.temperatures`.
 
 A new route writes only its own request and response shapes around these calls.
 """
@@ -34,7 +34,7 @@ A new route writes only its own request and response shapes around these calls.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ __all__ = [
     "DEFAULT_MAX_TOKENS", "DEFAULT_SCHEDULE_ENV", "DEFAULT_TEMPERATURE", "ENTROPY_FIELD", "NEUTRAL_SAMPLING", "SCHEDULE_KEY", "STEP_FROM_WEIGHTS", "TARGET_KEY",
     "DefaultSchedule", "Request",
     "check_temperature", "default_applies", "eligible_for_in_pass", "engine_numbers_needed", "in_pass_possible",
-    "new_target_id", "refuse_engine_numbers",
+    "new_target_id",
     "prompt_target_id", "read_request", "resolve_schedule", "response_version", "sample_target_ids", "wants_in_pass",
 ]
 
@@ -280,15 +280,17 @@ schedule; with them set, the in-pass numbers are not the sampled distribution's.
 
 
 def engine_numbers_needed(request: Request, fields: Mapping[str, Any], engine: Any, *, entropy: bool = False,
-                          stream: bool = False) -> bool:
+                          stream: bool = False, param_name: Callable[[str], str] = str) -> bool:
     """Whether a request needs the engine's per-token numbers back (an entropy-driven
     schedule, or ``entropy`` asked), raising a 400 where they cannot come back.
 
     They come from the sampling pass (``ead_server.vllm_adapter.targets``), which records
     them only where nothing but the schedule shapes the distribution, so the behaviour
     entropy is that of the distribution sampled from: no truncation, penalties or other
-    logit changes (``fields``: the sampling fields the request set), no stream, one
-    data-parallel rank and no speculative decoding.
+    logit changes (``fields``: the sampling fields the request set, named as vLLM's
+    ``SamplingParams`` and the OpenAI routes name them; ``param_name`` gives a refusal's
+    ``param`` in the route's own protocol), no stream, one data-parallel rank and no
+    speculative decoding.
     """
     driven = request.schedule is not None and request.schedule.entropy_driven
     if not (driven or entropy):
@@ -297,12 +299,13 @@ def engine_numbers_needed(request: Request, fields: Mapping[str, Any], engine: A
         raise APIError(400, f"{ENTROPY_FIELD} takes the entropies from the schedule's sampling pass: give a "
                             f"temperature_schedule (for a fixed temperature, {{\"type\": \"constant\", \"tau\": T}})",
                        ENTROPY_FIELD)
-    what, param = ("an entropy-driven temperature_schedule", SCHEDULE_KEY) if driven else (ENTROPY_FIELD, ENTROPY_FIELD)
+    what, param = ("an entropy-driven temperature_schedule", param_name(SCHEDULE_KEY)) if driven else (
+        ENTROPY_FIELD, ENTROPY_FIELD)
     why = (f"{what} needs each token's numbers from the engine's sampling pass "
            f"(the host cannot recompute them)")
     if stream:
         raise APIError(400, f"{why}, which come back with the whole response: use stream=false or /v1/rollouts",
-                       "stream")
+                       param_name("stream"))
     if not in_pass_possible(engine):
         raise APIError(400, f"{why}, which come back from one data-parallel rank without speculative decoding only",
                        param)
@@ -310,21 +313,13 @@ def engine_numbers_needed(request: Request, fields: Mapping[str, Any], engine: A
         value = fields.get(key)
         if value is not None and value != neutral and not (key == "top_k" and value == -1):
             raise APIError(400, f"{why}, which are taken where nothing but the schedule shapes the distribution: "
-                                f"leave {key} unset", key)
+                                f"leave {param_name(key)} unset", param_name(key))
     for key in _LOGIT_CHANGES:
         value = fields.get(key)
         if value and not (key == "response_format" and isinstance(value, dict) and value.get("type") == "text"):
             raise APIError(400, f"{why}, which are taken where nothing but the schedule shapes the distribution: "
-                                f"{key} changes the logits", key)
+                                f"{param_name(key)} changes the logits", param_name(key))
     return True
-
-
-def refuse_engine_numbers(request: Request, route: str, param: str) -> None:
-    """A 400 for an entropy-driven schedule on a route that cannot bring the engine's
-    per-token numbers back (its temperatures would be unknown)."""
-    if request.schedule is not None and request.schedule.entropy_driven:
-        raise APIError(400, f"{route} cannot report the temperatures of an entropy-driven schedule (only the engine "
-                            f"knows them): use /v1/rollouts, /v1/completions or /v1/chat/completions", param)
 
 
 def eligible_for_in_pass(params: Any) -> bool:

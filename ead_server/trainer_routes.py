@@ -40,6 +40,7 @@ from ead_server.app_state import AppState, get_state, require_admin
 from ead_server.errors import APIError
 from ead_server.guard import parsed_body
 from ead_server.vllm_adapter import engine as vllm_engine
+from ead_server.vllm_adapter.targets import TAU, Recorded, recorded_column
 from ead_server.weights import _version, change_weights, transfer_open
 
 __all__ = ["attach", "admin", "router"]
@@ -246,7 +247,6 @@ async def sglang_generate(body: SGLangGenerate, state: AppState = Depends(get_st
     field = f"sampling_params.custom_params.{contract.SCHEDULE_KEY}"
     request = contract.read_request([(field, (sp.custom_params or {}).get(contract.SCHEDULE_KEY))], sp.temperature,
                                     state.default_schedule())
-    contract.refuse_engine_numbers(request, "SGLang's /generate", field)
     tokenizer = state.engine.get_tokenizer()
     prompt_ids = list(body.input_ids) if body.input_ids is not None else tokenizer.encode(body.text)
     max_tokens = sp.max_new_tokens if sp.max_new_tokens is not None else 128
@@ -255,27 +255,41 @@ async def sglang_generate(body: SGLangGenerate, state: AppState = Depends(get_st
         raise APIError(400, f"this model's context is {context} tokens; a prompt of {len(prompt_ids)} tokens leaves "
                             f"room for {context - len(prompt_ids)} new tokens, not max_new_tokens={max_tokens}",
                        "sampling_params.max_new_tokens")
-    params = _sampling_params(sp, request, max_tokens)
+    given = {**_given(sp), "min_tokens": sp.min_new_tokens}
+    theirs = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "seed": "sampling_seed"}
+    recorded = contract.engine_numbers_needed(
+        request, given, state.engine,
+        param_name=lambda key: field if key == contract.SCHEDULE_KEY else f"sampling_params.{theirs.get(key, key)}")
+    target_id = contract.new_target_id() if recorded else None
+    params = _sampling_params(sp, request, max_tokens, target_id, theirs)
     rid = body.rid or f"sglang-{uuid.uuid4().hex}"
     async with state.gate.reading() as lease_version:
         output = await vllm_engine.generate(state.engine, prompt_ids, params, rid)
-    answers = [_answer(c, request, body, state, rid, len(prompt_ids), lease_version)
-               for c in sorted(output.outputs, key=lambda c: c.index)]
+    completions = sorted(output.outputs, key=lambda c: c.index)
+    found = await vllm_engine.recorded_numbers(state.engine, target_id, sp.n, [c.index for c in completions])
+    answers = [_answer(c, request, body, state, rid, len(prompt_ids), lease_version, numbers)
+               for c, numbers in zip(completions, found)]
     return answers[0] if sp.n == 1 else answers
 
 
-def _sampling_params(sp: SGLangSamplingParams, request: contract.Request, max_tokens: int) -> Any:
-    """vLLM's ``SamplingParams`` for an SGLang request, under the contract's rules; vLLM's
-    refusals are 400s naming the SGLang field."""
-    names = {"top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-             "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty"}
-    given = {ours: getattr(sp, theirs) for ours, theirs in names.items()}
+def _given(sp: SGLangSamplingParams) -> dict[str, Any]:
+    """The truncation and penalty settings an SGLang request set, named as vLLM's."""
+    names = ("top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+    given = {name: getattr(sp, name) for name in names}
     if given["top_k"] == -1:
         given["top_k"] = 0  # SGLang's "disabled" is vLLM's 0
+    return given
+
+
+def _sampling_params(sp: SGLangSamplingParams, request: contract.Request, max_tokens: int, target_id: str | None,
+                     theirs: dict[str, str]) -> Any:
+    """vLLM's ``SamplingParams`` for an SGLang request, under the contract's rules (in-pass
+    numbers recorded under ``target_id``); vLLM's refusals are 400s naming the SGLang field
+    (``theirs``: SGLang's names where they differ)."""
     extra = {k: v for k, v in (sp.custom_params or {}).items() if k != contract.SCHEDULE_KEY}
-    theirs = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "seed": "sampling_seed"}
     return vllm_engine.sampling_params(
-        request, given, extra=extra, param_name=lambda param: f"sampling_params.{theirs.get(param, param)}",
+        request, _given(sp), extra=extra, target_id=target_id,
+        param_name=lambda param: f"sampling_params.{theirs.get(param, param)}",
         n=sp.n, max_tokens=max_tokens, min_tokens=sp.min_new_tokens, stop=sp.stop, stop_token_ids=sp.stop_token_ids,
         ignore_eos=sp.ignore_eos, skip_special_tokens=sp.skip_special_tokens,
         spaces_between_special_tokens=sp.spaces_between_special_tokens, include_stop_str_in_output=sp.no_stop_trim,
@@ -283,9 +297,10 @@ def _sampling_params(sp: SGLangSamplingParams, request: contract.Request, max_to
 
 
 def _answer(c: Any, request: contract.Request, body: SGLangGenerate, state: AppState, rid: str, prompt_tokens: int,
-            lease_version: int) -> dict[str, Any]:
+            lease_version: int, recorded: Recorded | None) -> dict[str, Any]:
     """One sample in SGLang's shape, with ours beside SGLang's fields in ``meta_info``:
-    ``temperatures`` (per token), ``temperature_schedule`` (the echo, or null) and
+    ``temperatures`` (per token; an entropy-driven schedule's from the engine's
+    ``recorded`` numbers), ``temperature_schedule`` (the echo, or null) and
     ``weight_versions`` (the spans); SGLang's ``weight_version`` keeps its string."""
     token_ids = list(c.token_ids)
     spans = vllm_engine.version_spans(c)
@@ -298,7 +313,7 @@ def _answer(c: Any, request: contract.Request, body: SGLangGenerate, state: AppS
         "weight_version": label or str(version),
         "weight_versions": spans,
         "temperature_schedule": request.echo,
-        "temperatures": request.temperatures(len(token_ids)),
+        "temperatures": request.temperatures(len(token_ids), engine=recorded_column(recorded, TAU, len(token_ids))),
     }
     if body.return_logprob:
         texts = [state.engine.get_tokenizer().decode([t]) for t in token_ids] if body.return_text_in_logprobs \

@@ -30,13 +30,15 @@ def _entropies(logits: torch.Tensor) -> torch.Tensor:
 
 def check_sampling_pass(model_dir, prompt_ids, token_ids, schedule, temperatures, entropies, behavior_entropies,
                         behavior_logprobs, target_logprobs=None) -> None:
-    """One completion's reported numbers against a transformers pass over the same weights."""
+    """One completion's reported numbers against a transformers pass over the same weights
+    (the entropies where reported: ``None`` skips them)."""
     h = completion_logits(model_dir, prompt_ids, token_ids)
     want_h = _entropies(h)
-    torch.testing.assert_close(torch.tensor(entropies, dtype=torch.float64), want_h, atol=1e-4, rtol=1e-4)
     temps = torch.tensor(temperatures, dtype=torch.float64)
-    torch.testing.assert_close(torch.tensor(behavior_entropies, dtype=torch.float64),
-                               _entropies(h / temps.float().unsqueeze(1)), atol=1e-4, rtol=1e-4)
+    if entropies is not None:
+        torch.testing.assert_close(torch.tensor(entropies, dtype=torch.float64), want_h, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(behavior_entropies, dtype=torch.float64),
+                                   _entropies(h / temps.float().unsqueeze(1)), atol=1e-4, rtol=1e-4)
     resolved = parse_schedule(schedule)
     clocks = torch.cat([torch.zeros(1, dtype=torch.float64), want_h.cumsum(0)[:-1]])
     want_t = [resolved.temperature(t, entropy=float(want_h[t]), clock=float(clocks[t])) for t in range(len(token_ids))]
@@ -103,9 +105,32 @@ def test_where_the_engine_cannot_report_them_the_request_is_refused(server, path
     assert response.json()["error"]["param"] == param
 
 
-def test_the_token_route_refuses_an_entropy_driven_schedule(server):
-    body = {"model": "tiny", "token_ids": [5, 6, 7],
-            "sampling_params": {"max_tokens": 4, "extra_args": {"temperature_schedule": CLOCKED}}}
-    response = httpx.post(f"{server.url}/inference/v1/generate", json=body, timeout=60)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == "sampling_params.extra_args.temperature_schedule"
+def test_the_token_route_and_sglangs_generate_report_the_engines_temperatures(server, tiny_model_dir):
+    """vLLM's token route (SkyRL, prime-rl) and SGLang's ``/generate`` (slime, AReaL) bring
+    an entropy-driven schedule's temperatures back from the engine, beside the behaviour
+    log-probs; what they cannot (a stream, truncation) is refused naming their own field."""
+    prompt = [47, 18, 25, 25, 28]
+    params = {"max_tokens": 12, "logprobs": 0, "seed": 5, "n": 2, "extra_args": {"temperature_schedule": CLOCKED}}
+    reply = httpx.post(f"{server.url}/inference/v1/generate", json={"token_ids": prompt, "sampling_params": params},
+                       timeout=120)
+    assert reply.status_code == 200, reply.text
+    for choice in reply.json()["choices"]:
+        items = choice["logprobs"]["content"]
+        check_sampling_pass(tiny_model_dir, prompt, choice["token_ids"], CLOCKED, [i["temperature"] for i in items],
+                            None, None, [i["logprob"] for i in items])
+    sglang = httpx.post(f"{server.url}/generate", timeout=120, json={
+        "input_ids": prompt, "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 12, "sampling_seed": 6, "custom_params": {"temperature_schedule": ENTROPIC}}})
+    assert sglang.status_code == 200, sglang.text
+    meta = sglang.json()["meta_info"]
+    ids = [item[1] for item in meta["output_token_logprobs"]]
+    check_sampling_pass(tiny_model_dir, prompt, ids, ENTROPIC, meta["temperatures"], None, None,
+                        [item[0] for item in meta["output_token_logprobs"]])
+    for body, param in (({"stream": True}, "stream"), ({"sampling_params": {**params, "top_p": 0.9}},
+                                                       "sampling_params.top_p")):
+        refused = httpx.post(f"{server.url}/inference/v1/generate", timeout=60,
+                             json={"token_ids": prompt, "sampling_params": params, **body})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+    refused = httpx.post(f"{server.url}/generate", timeout=60, json={"input_ids": prompt, "sampling_params": {
+        "min_new_tokens": 2, "custom_params": {"temperature_schedule": ENTROPIC}}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "sampling_params.min_new_tokens"
