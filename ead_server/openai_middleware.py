@@ -156,13 +156,18 @@ def prepare_generate_numbers(payload: dict[str, Any], request: contract.Request,
     params = payload.get("sampling_params")
     if not isinstance(params, dict):
         return EngineNumbers()
-    recorded = contract.engine_numbers_needed(
-        request, params, engine, stream=bool(payload.get("stream")),
-        param_name=lambda key: "stream" if key == "stream" else f"sampling_params.{key}" if key != SCHEDULE_KEY
-        else f"sampling_params.extra_args.{SCHEDULE_KEY}")
+    recorded = contract.engine_numbers_needed(request, params, engine, stream=bool(payload.get("stream")),
+                                              param_name=_token_route_field)
     if recorded:
         params["extra_args"][contract.TARGET_KEY] = contract.new_target_id()
     return EngineNumbers(recorded=recorded)
+
+
+def _token_route_field(param: str) -> str:
+    """A refusal's ``param``, named as the token route's body names it."""
+    if param == "stream":
+        return param
+    return f"sampling_params.{'extra_args.' if param == SCHEDULE_KEY else ''}{param}"
 
 
 def _samples_per_prompt(fields: Any) -> int:

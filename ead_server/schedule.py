@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "ANNEALED_TYPES",
     "DecaySchedule",
     "PRESETS",
     "ResolvedSchedule",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 ScheduleType = Literal["ead", "reverse", "constant", "entropy"]
+ANNEALED_TYPES = ("ead", "reverse")
+"""The types with a warm-up and a decay (``warmup``, ``time_scale``, ``decay``); the
+others sample every token by their own rule from the first one."""
 Clock = Literal["tokens", "entropy"]
 PresetName = Literal["paper", "released-code"]
 
@@ -231,7 +235,7 @@ class ResolvedSchedule(_Strict):
         ``max(warmup, ceil(t*))``, nudged by a step where float rounding of the
         schedule itself decides, so it agrees with :meth:`temperature` exactly.
         """
-        if self.type in ("constant", "entropy") or self.clock == "entropy":
+        if self.type not in ANNEALED_TYPES or self.clock == "entropy":
             return None
         final, gap = (self.tau_min, 1.0 + self.tau_max - self.tau_min) if self.type == "ead" else (
             self.tau_max, self.tau_max - self.tau_min)

@@ -244,7 +244,7 @@ async def sglang_generate(body: SGLangGenerate, state: AppState = Depends(get_st
     """SGLang's native generation, one prompt (``n`` samples: a list of ``n`` answers, as
     SGLang gives them), with the request contract's schedule rules."""
     sp = body.sampling_params
-    field = f"sampling_params.custom_params.{contract.SCHEDULE_KEY}"
+    field = _sglang_field(contract.SCHEDULE_KEY)
     request = contract.read_request([(field, (sp.custom_params or {}).get(contract.SCHEDULE_KEY))], sp.temperature,
                                     state.default_schedule())
     tokenizer = state.engine.get_tokenizer()
@@ -255,13 +255,11 @@ async def sglang_generate(body: SGLangGenerate, state: AppState = Depends(get_st
         raise APIError(400, f"this model's context is {context} tokens; a prompt of {len(prompt_ids)} tokens leaves "
                             f"room for {context - len(prompt_ids)} new tokens, not max_new_tokens={max_tokens}",
                        "sampling_params.max_new_tokens")
-    given = {**_given(sp), "min_tokens": sp.min_new_tokens}
-    theirs = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "seed": "sampling_seed"}
-    recorded = contract.engine_numbers_needed(
-        request, given, state.engine,
-        param_name=lambda key: field if key == contract.SCHEDULE_KEY else f"sampling_params.{theirs.get(key, key)}")
+    given = _given(sp)
+    recorded = contract.engine_numbers_needed(request, {**given, "min_tokens": sp.min_new_tokens}, state.engine,
+                                              param_name=_sglang_field)
     target_id = contract.new_target_id() if recorded else None
-    params = _sampling_params(sp, request, max_tokens, target_id, theirs)
+    params = _sampling_params(sp, request, given, max_tokens, target_id)
     rid = body.rid or f"sglang-{uuid.uuid4().hex}"
     async with state.gate.reading() as lease_version:
         output = await vllm_engine.generate(state.engine, prompt_ids, params, rid)
@@ -270,6 +268,16 @@ async def sglang_generate(body: SGLangGenerate, state: AppState = Depends(get_st
     answers = [_answer(c, request, body, state, rid, len(prompt_ids), lease_version, numbers)
                for c, numbers in zip(completions, found)]
     return answers[0] if sp.n == 1 else answers
+
+
+_SGLANG_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "seed": "sampling_seed",
+                 contract.SCHEDULE_KEY: f"custom_params.{contract.SCHEDULE_KEY}"}
+"""SGLang's names of the ``SamplingParams`` fields it names otherwise."""
+
+
+def _sglang_field(param: str) -> str:
+    """A refusal's ``param``, named as SGLang's request names it."""
+    return f"sampling_params.{_SGLANG_NAMES.get(param, param)}"
 
 
 def _given(sp: SGLangSamplingParams) -> dict[str, Any]:
@@ -281,15 +289,14 @@ def _given(sp: SGLangSamplingParams) -> dict[str, Any]:
     return given
 
 
-def _sampling_params(sp: SGLangSamplingParams, request: contract.Request, max_tokens: int, target_id: str | None,
-                     theirs: dict[str, str]) -> Any:
-    """vLLM's ``SamplingParams`` for an SGLang request, under the contract's rules (in-pass
-    numbers recorded under ``target_id``); vLLM's refusals are 400s naming the SGLang field
-    (``theirs``: SGLang's names where they differ)."""
+def _sampling_params(sp: SGLangSamplingParams, request: contract.Request, given: dict[str, Any], max_tokens: int,
+                     target_id: str | None) -> Any:
+    """vLLM's ``SamplingParams`` for an SGLang request (``given``: :func:`_given`), under the
+    contract's rules (in-pass numbers recorded under ``target_id``); vLLM's refusals are
+    400s naming the SGLang field."""
     extra = {k: v for k, v in (sp.custom_params or {}).items() if k != contract.SCHEDULE_KEY}
     return vllm_engine.sampling_params(
-        request, _given(sp), extra=extra, target_id=target_id,
-        param_name=lambda param: f"sampling_params.{theirs.get(param, param)}",
+        request, given, extra=extra, target_id=target_id, param_name=_sglang_field,
         n=sp.n, max_tokens=max_tokens, min_tokens=sp.min_new_tokens, stop=sp.stop, stop_token_ids=sp.stop_token_ids,
         ignore_eos=sp.ignore_eos, skip_special_tokens=sp.skip_special_tokens,
         spaces_between_special_tokens=sp.spaces_between_special_tokens, include_stop_str_in_output=sp.no_stop_trim,

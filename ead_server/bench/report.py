@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ead_server.bench.metrics import TOOLS  # noqa: E402
 from ead_server.bench.summary import WARMUP_MAJORITY  # noqa: E402
+from ead_server.schedule import ANNEALED_TYPES  # noqa: E402
 
 __all__ = ["write_report"]
 
@@ -29,14 +30,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-_UNANNEALED = ("constant", "entropy")  # types without a warm-up or a decay
-
-
 def _warmup_notes(results: dict[str, Any]) -> list[str]:
     notes = []
     for s in results["schedules"]:
         r, shares = s["resolved"], s["token_shares"]
-        if r["type"] not in _UNANNEALED and shares["warmup"] > WARMUP_MAJORITY:
+        if r["type"] in ANNEALED_TYPES and shares["warmup"] > WARMUP_MAJORITY:
             notes.append(
                 f"- **{s['label']}**: {shares['warmup']:.0%} of its tokens were sampled inside the warm-up "
                 f"(the first c = {r['warmup']} tokens, always at temperature 1.0; mean response "
@@ -118,8 +116,9 @@ def markdown(results: dict[str, Any]) -> str:
             [
                 [
                     s["label"], _ci(s["mean_accuracy"]), _ci(s["distinct_classes"], 2), _ci(s["response_tokens"], 1),
-                    "-" if s["resolved"]["type"] in _UNANNEALED else str(s["resolved"]["warmup"]),
-                    "-" if s["resolved"]["type"] in _UNANNEALED else f"{s['resolved']['time_scale'] * s['resolved']['decay']:g}",
+                    str(s["resolved"]["warmup"]) if s["resolved"]["type"] in ANNEALED_TYPES else "-",
+                    f"{s['resolved']['time_scale'] * s['resolved']['decay']:g}" if s["resolved"]["type"] in ANNEALED_TYPES
+                    else "-",
                     "-" if s["anneal_end_token"] is None else str(s["anneal_end_token"]),
                     f"{s['token_shares']['warmup']:.0%}", f"{s['token_shares']['hot']:.0%}",
                     f"{s['token_shares']['cold']:.0%}",

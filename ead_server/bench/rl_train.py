@@ -50,7 +50,7 @@ from ead_server.bench.grpo import (
 )
 from ead_server.bench.metrics import majority_first_k, pass_at_k
 from ead_server.bench.store import read_jsonl
-from ead_server.schedule import ResolvedSchedule
+from ead_server.schedule import ANNEALED_TYPES, ResolvedSchedule
 
 __all__ = ["Arm", "RunSettings", "RunFailed", "eval_ks", "evaluate", "run_one", "rollout_digest"]
 
@@ -183,7 +183,7 @@ def schedule_fields(arm: Arm, global_step: int, lengths: np.ndarray) -> dict[str
     """Where the answers sit against the schedule of this step: its warm-up, its decay
     ``d`` and the first token at ``tau_min`` (None for a constant or ``entropy`` schedule,
     which have neither; the entropy clock's end depends on each rollout: None)."""
-    if arm.resolved.type in ("constant", "entropy"):
+    if arm.resolved.type not in ANNEALED_TYPES:
         return {"warmup": None, "decay": None, "anneal_end": None, "warmup_token_fraction": None,
                 "annealed_token_fraction": None}
     spec = dict(arm.spec)

@@ -26,7 +26,7 @@ from ead_server.bench.metrics import (
     vote,
     worst_at_k,
 )
-from ead_server.schedule import ResolvedSchedule
+from ead_server.schedule import ANNEALED_TYPES, ResolvedSchedule
 
 __all__ = ["SCHEMA_VERSION", "WARMUP_MAJORITY", "summarize", "token_shares"]
 
@@ -42,7 +42,7 @@ def token_shares(resolved: ResolvedSchedule, lengths: Sequence[int],
     cold (tau < 1), from the schedule's own temperatures for each completion's length. An
     entropy-driven schedule's temperatures differ per completion: the engine's, as each
     sample recorded them (``temperatures``, one list per completion, beside ``lengths``)."""
-    warmup = 0 if resolved.type in ("constant", "entropy") else resolved.warmup
+    warmup = resolved.warmup if resolved.type in ANNEALED_TYPES else 0
     if resolved.entropy_driven:
         if temperatures is None or any(t is None for t, n in zip(temperatures, lengths) if n):
             raise ValueError(f"{resolved.type}: an entropy-driven schedule's token shares need the temperatures "

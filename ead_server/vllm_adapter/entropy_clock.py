@@ -26,7 +26,7 @@ uninterrupted run.
 
 Nothing here reads the device: rows and positions come from the host, the sums stay on
 the device. Keyed rows are freed when their id's in-pass numbers are collected
-(:func:`release`), or after ``$EAD_TARGETS_TTL_S`` seconds unused, as the target store's.
+(:meth:`EntropyClocks.release`), or after ``$EAD_TARGETS_TTL_S`` seconds unused, as the target store's.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-__all__ = ["CLOCKS", "EntropyClocks", "release"]
+__all__ = ["CLOCKS", "EntropyClocks"]
 
 
 class EntropyClocks:
@@ -131,8 +131,3 @@ class EntropyClocks:
 
 CLOCKS = EntropyClocks()
 """This worker process's sums (the processor steps them, the collect method releases them)."""
-
-
-def release(keys: Iterable[str]) -> None:
-    """Free the sums of collected samples (called by the worker's collect method)."""
-    CLOCKS.release(keys)

@@ -127,8 +127,8 @@ def _applied_schedule(params: SamplingParams, default: ResolvedSchedule | None) 
 def _target_id(params: SamplingParams, schedule: ResolvedSchedule | None) -> str | None:
     """The id under which a scheduled row records in-pass target numbers, if it asks and
     the formula is exact for it (``ead_server.vllm_adapter.targets``)."""
-    target = (params.extra_args or {}).get(TARGET_KEY)
-    return str(target) if target is not None and schedule is not None and eligible_for_in_pass(params) else None
+    target = _sample_key(params)
+    return target if target is not None and schedule is not None and eligible_for_in_pass(params) else None
 
 
 def _kernel_row(schedule: ResolvedSchedule) -> tuple[int, list[float]]:

@@ -192,9 +192,9 @@ def targets_from(values: Recorded, behaviour: list[float], temperatures: list[fl
 
 
 def _collect(worker: Any, ids: list[str]) -> dict[str, Recorded]:
-    from ead_server.vllm_adapter.entropy_clock import release
+    from ead_server.vllm_adapter.entropy_clock import CLOCKS
 
-    release(ids)  # collected samples are done: their entropy clocks go too
+    CLOCKS.release(ids)  # collected samples are done: their entropy clocks go too
     return STORE.collect(list(ids))
 
 
